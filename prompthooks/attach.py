@@ -1,0 +1,184 @@
+"""Attaching prompts to a model: install hooks, register the prompt
+parameters, freeze the base, and undo all of it exactly on detach."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, Union
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .locators import Located, locate
+from .methods.base import PromptSpec, SoftPrompt
+from .splice.bank import PromptBank
+from .splice.tokens import SoftPromptHooks
+
+PromptLike = Union[PromptSpec, SoftPrompt]
+Prompts = Union[PromptLike, Mapping[str, PromptLike]]
+
+#: Attribute under which the prompts are registered on the model while attached.
+ATTRIBUTE = "prompthooks"
+DEFAULT = "default"
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Attachment] = weakref.WeakKeyDictionary()
+
+
+def _build(prompt: PromptLike, located: Located) -> SoftPrompt:
+    if isinstance(prompt, SoftPrompt):
+        prompt.check_fits(located)
+        return prompt
+    if isinstance(prompt, PromptSpec):
+        built = prompt.build(located)
+        built.check_fits(located)
+        return built
+    raise TypeError(
+        f"expected a prompt spec such as ph.PromptTuning(...) or a trained prompt, got {prompt!r}"
+    )
+
+
+class Attachment:
+    """Prompts attached to one model. Use ``ph.attach`` to make one."""
+
+    def __init__(self, model: nn.Module, prompts: Prompts, *, strip: bool = True) -> None:
+        named = dict(prompts) if isinstance(prompts, Mapping) else {DEFAULT: prompts}
+        if not named:
+            raise ValueError("attach needs at least one prompt")
+        existing = _ATTACHED.get(model)
+        if existing is not None:
+            clash = sorted(set(named) & set(existing.names))
+            what = (
+                f"a prompt named {clash[0]!r} is already attached"
+                if clash
+                else f"prompts {existing.names} are already attached"
+            )
+            raise ValueError(
+                f"{what} to this {type(model).__name__}. Detach the first attachment "
+                "(att.detach()) or attach all prompts in one call: "
+                "ph.attach(model, {'a': spec_a, 'b': spec_b})"
+            )
+        if hasattr(model, ATTRIBUTE):
+            raise ValueError(f"the model already has an attribute {ATTRIBUTE!r}; cannot attach")
+        # Everything that can fail happens before the model is touched.
+        self.located = locate(model)
+        device = self.located.embedding.weight.device
+        built = {name: _build(p, self.located).to(device) for name, p in named.items()}
+        self.model = model
+        self.prompts = nn.ModuleDict(built)
+        self.bank = PromptBank(built, self.located.vocab_size)
+        self._hooks = SoftPromptHooks(self.located, self.bank, strip_outputs=strip)
+        self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.add_module(ATTRIBUTE, self.prompts)
+        self._handles: list[RemovableHandle] = self._hooks.install()
+        _ATTACHED[model] = self
+        self.attached = True
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.prompts.keys())
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable prompt parameters."""
+        return self.prompts.parameters()
+
+    def virtual_ids(self, name: str = DEFAULT) -> list[int]:
+        """Ids that stand for this prompt's rows; place them anywhere in ``input_ids``."""
+        return self.bank.virtual_ids(name)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Select which attached prompt forward calls insert."""
+        if name not in self.bank.prompts:
+            raise KeyError(f"no prompt named {name!r}; attached: {self.names}")
+        before, self.bank.selected = self.bank.selected, name
+        try:
+            yield
+        finally:
+            self.bank.selected = before
+
+    def detach(self) -> None:
+        """Remove every hook and the prompt module; restore ``requires_grad``. Idempotent."""
+        if not self.attached:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if getattr(self.model, ATTRIBUTE, None) is self.prompts:
+            delattr(self.model, ATTRIBUTE)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._flags.get(name, p.requires_grad))
+        _ATTACHED.pop(self.model, None)
+        self.attached = False
+
+    def save(self, path: str | Path) -> None:
+        """Write the prompts to one safetensors file (see ``ph.load``)."""
+        from .io import save
+
+        save(dict(self.prompts.items()), path, self.located)  # type: ignore[arg-type]
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"<Attachment {self.names} to {type(self.model).__name__} ({state})>"
+
+
+def attach(model: nn.Module, prompts: Prompts, *, strip: bool = True) -> Attachment:
+    """Attach prompt(s) to ``model`` with hooks; returns an ``Attachment``.
+
+    ``prompts`` is a spec (``ph.PromptTuning(...)``), a trained prompt (from
+    ``ph.load`` / ``ph.load_peft``) or a ``{name: spec_or_prompt}`` mapping.
+    With ``strip=False`` outputs keep the virtual positions.
+    """
+    return Attachment(model, prompts, strip=strip)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def tune(
+    prompts: Prompts,
+    *,
+    model: str = "model",
+    save_to: str | Path | None = None,
+    strip: bool = True,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate training code: ``prompts`` are attached to the function's
+    argument called ``model`` for the duration of each call, and saved to
+    ``save_to`` when the call returns normally. The body stays unchanged."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+        if model not in signature.parameters:
+            raise TypeError(f"{fn.__name__} has no parameter named {model!r} to attach to")
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            target = signature.bind(*args, **kwargs).arguments[model]
+            with attach(target, prompts, strip=strip) as att:
+                result = fn(*args, **kwargs)
+                if save_to is not None:
+                    att.save(save_to)
+            return result
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,108 @@
+"""What a locator is and what it returns.
+
+A locator knows one architecture. It answers two questions about a model
+without changing it: "is this mine?" (`matches`) and "where do prompts go?"
+(`locate`). Everything the hooks need to know about an architecture lives in
+the `Located` record, so the rest of the library never imports a model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import nn
+
+Role = Literal["self", "enc_self", "dec_self", "cross"]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module that a prefix can be placed in front of."""
+
+    module: nn.Module
+    role: Role
+    layer: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Located:
+    """References to the existing modules of one model that prompts attach to.
+
+    Attributes:
+        locator: name of the locator that produced this record.
+        model: the module the user calls (labels enter and outputs leave here).
+        embedding: the token embedding that reads the input ids.
+        input_stack: the module whose forward takes ``input_ids``,
+            ``attention_mask`` and friends; soft prompts are inserted here.
+        encoder_mask_readers: modules that receive the input stack's output
+            together with an ``encoder_attention_mask`` (a T5 decoder).
+        sites: attention modules, for prefix methods.
+        max_positions: longest sequence the model can embed, or ``None``.
+        cls_first: the first token is a summary token (``[CLS]``) that must
+            stay first; prompts go right after it.
+        is_encoder_decoder: labels belong to the decoder and are left alone.
+    """
+
+    locator: str
+    model: nn.Module
+    embedding: nn.Embedding
+    input_stack: nn.Module
+    encoder_mask_readers: tuple[nn.Module, ...]
+    sites: tuple[AttentionSite, ...]
+    max_positions: int | None
+    cls_first: bool = False
+    is_encoder_decoder: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embedding.embedding_dim)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids at or above this number are virtual tokens."""
+        return int(self.embedding.num_embeddings)
+
+    def __str__(self) -> str:
+        names = {id(m): n for n, m in self.model.named_modules()}
+
+        def name(m: nn.Module) -> str:
+            return names.get(id(m), "?") or "<model>"
+
+        lines = [
+            f"{type(self.model).__name__} (located by {self.locator!r})",
+            f"  token embedding : {name(self.embedding)} "
+            f"({self.vocab_size} x {self.hidden_size})",
+            f"  input stack     : {name(self.input_stack)}",
+        ]
+        if self.encoder_mask_readers:
+            readers = ", ".join(name(m) for m in self.encoder_mask_readers)
+            lines.append(f"  encoder masks   : {readers}")
+        lines.append(f"  max positions   : {self.max_positions}")
+        lines.append(f"  [CLS] first     : {self.cls_first}")
+        lines.append(f"  attention sites : {len(self.sites)}")
+        for s in self.sites:
+            lines.append(
+                f"    {s.role:<8} layer {s.layer:>2}  {name(s.module)}  "
+                f"kv_heads={s.num_kv_heads} head_dim={s.head_dim}"
+            )
+        return "\n".join(lines)
+
+
+class Locator:
+    """Base class for architecture locators.
+
+    Subclass it, set ``name``, implement ``matches`` and ``locate``, and
+    decorate the class with ``prompthooks.register_locator``. ``locate`` must
+    only return references to modules that already exist.
+    """
+
+    name: ClassVar[str] = "unnamed"
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def locate(self, model: nn.Module) -> Located:
+        raise NotImplementedError

@@ -1,0 +1,42 @@
+"""BERT: ``BertModel`` and its heads (sequence classification, masked LM,
+token classification, ...). ``[CLS]`` stays first; prompts go after it."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+
+from .base import AttentionSite, Located, Locator
+from .registry import register_locator
+
+
+@register_locator
+class BertLocator(Locator):
+    name = "bert"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, BertPreTrainedModel)
+
+    def locate(self, model: nn.Module) -> Located:
+        stack = model if isinstance(model, BertModel) else model.bert
+        assert isinstance(stack, BertModel)
+        sites = tuple(
+            AttentionSite(
+                module=layer.attention.self,
+                role="self",
+                layer=i,
+                num_kv_heads=int(layer.attention.self.num_attention_heads),
+                head_dim=int(layer.attention.self.attention_head_size),
+            )
+            for i, layer in enumerate(stack.encoder.layer)
+        )
+        return Located(
+            locator=self.name,
+            model=model,
+            embedding=stack.embeddings.word_embeddings,
+            input_stack=stack,
+            encoder_mask_readers=(),
+            sites=sites,
+            max_positions=int(stack.embeddings.position_embeddings.num_embeddings),
+            cls_first=True,
+        )

@@ -1,0 +1,40 @@
+"""GPT-2: ``GPT2Model`` and every ``GPT2PreTrainedModel`` head built on it."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
+
+from .base import AttentionSite, Located, Locator
+from .registry import register_locator
+
+
+@register_locator
+class GPT2Locator(Locator):
+    name = "gpt2"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, GPT2PreTrainedModel)
+
+    def locate(self, model: nn.Module) -> Located:
+        stack = model if isinstance(model, GPT2Model) else model.transformer
+        assert isinstance(stack, GPT2Model)
+        sites = tuple(
+            AttentionSite(
+                module=block.attn,
+                role="self",
+                layer=i,
+                num_kv_heads=int(block.attn.num_heads),
+                head_dim=int(block.attn.head_dim),
+            )
+            for i, block in enumerate(stack.h)
+        )
+        return Located(
+            locator=self.name,
+            model=model,
+            embedding=stack.wte,
+            input_stack=stack,
+            encoder_mask_readers=(),
+            sites=sites,
+            max_positions=int(stack.wpe.num_embeddings),
+        )

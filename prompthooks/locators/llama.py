@@ -1,0 +1,39 @@
+"""LLaMA: ``LlamaModel`` and its heads, grouped-query attention included."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
+
+from .base import AttentionSite, Located, Locator
+from .registry import register_locator
+
+
+@register_locator
+class LlamaLocator(Locator):
+    name = "llama"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, LlamaPreTrainedModel)
+
+    def locate(self, model: nn.Module) -> Located:
+        stack = model if isinstance(model, LlamaModel) else model.model
+        assert isinstance(stack, LlamaModel)
+        sites = []
+        for i, layer in enumerate(stack.layers):
+            attn = layer.self_attn
+            head_dim = int(attn.head_dim)
+            # KV heads from the projection itself: with GQA it is narrower
+            # than hidden_size / num_attention_heads suggests.
+            kv_heads = int(attn.k_proj.out_features) // head_dim
+            sites.append(AttentionSite(attn, "self", i, kv_heads, head_dim))
+        max_pos = getattr(stack.config, "max_position_embeddings", None)
+        return Located(
+            locator=self.name,
+            model=model,
+            embedding=stack.embed_tokens,
+            input_stack=stack,
+            encoder_mask_readers=(),
+            sites=tuple(sites),
+            max_positions=int(max_pos) if max_pos is not None else None,
+        )

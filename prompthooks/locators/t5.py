@@ -1,0 +1,61 @@
+"""T5: encoder-decoder (``T5ForConditionalGeneration``, ``T5Model``) and
+encoder-only (``T5EncoderModel``).
+
+Soft prompts go into the encoder input. The decoder reads the encoder output
+through cross-attention with an ``encoder_attention_mask`` that the user (or
+``generate``) sized for the un-prompted input, so the decoder stack is listed
+as an encoder-mask reader and gets that mask widened too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.models.t5.modeling_t5 import T5PreTrainedModel, T5Stack
+
+from .base import AttentionSite, Located, Locator, Role
+from .registry import register_locator
+
+
+def _sites(stack: T5Stack, self_role: Role) -> list[AttentionSite]:
+    sites = []
+    for i, block in enumerate(stack.block):
+        attn = block.layer[0].SelfAttention
+        sites.append(
+            AttentionSite(attn, self_role, i, int(attn.n_heads), int(attn.key_value_proj_dim))
+        )
+        if self_role == "dec_self":
+            cross = block.layer[1].EncDecAttention
+            sites.append(
+                AttentionSite(cross, "cross", i, int(cross.n_heads), int(cross.key_value_proj_dim))
+            )
+    return sites
+
+
+@register_locator
+class T5Locator(Locator):
+    name = "t5"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, T5PreTrainedModel) and isinstance(
+            getattr(model, "encoder", None), T5Stack
+        )
+
+    def locate(self, model: nn.Module) -> Located:
+        encoder = model.encoder
+        decoder = getattr(model, "decoder", None)
+        assert isinstance(encoder, T5Stack)
+        sites = _sites(encoder, "enc_self")
+        if isinstance(decoder, T5Stack):
+            sites += _sites(decoder, "dec_self")
+        embedding = encoder.embed_tokens
+        assert isinstance(embedding, nn.Embedding)
+        return Located(
+            locator=self.name,
+            model=model,
+            embedding=embedding,
+            input_stack=encoder,
+            encoder_mask_readers=(decoder,) if isinstance(decoder, T5Stack) else (),
+            sites=tuple(sites),
+            max_positions=None,  # relative position buckets: no hard limit
+            is_encoder_decoder=isinstance(decoder, T5Stack),
+        )

@@ -1,0 +1,101 @@
+"""Prompt Tuning (Lester et al. 2021): a learned table of virtual-token
+embeddings, trained directly.
+
+Three initialisations:
+  * ``"random"``: normal noise with the standard deviation of the model's own
+    embedding table, so the prompt starts at the scale the model expects;
+  * ``"text"``: the embeddings of a tokenised text, repeated or cut to length
+    (the paper's best performer for small models);
+  * ``"vocab"``: embeddings of randomly drawn vocabulary tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..locators.base import Located
+from .base import SoftPrompt, check_num_virtual_tokens
+
+Init = Literal["random", "text", "vocab"]
+
+
+class PromptTable(SoftPrompt):
+    """A soft prompt that is exactly one ``(P, hidden)`` parameter."""
+
+    method = "prompt_tuning"
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        if table.ndim != 2:
+            raise ValueError(f"a prompt table is 2-D (P, hidden), got shape {tuple(table.shape)}")
+        self.weight = nn.Parameter(table.detach().clone().float())
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    def table(self) -> torch.Tensor:
+        return self.weight
+
+
+class PromptTuning:
+    """Spec for Prompt Tuning; sized from the model when attached."""
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        init: Init = "random",
+        init_text: str | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.num_virtual_tokens = check_num_virtual_tokens(num_virtual_tokens)
+        if init not in ("random", "text", "vocab"):
+            raise ValueError(f"init must be 'random', 'text' or 'vocab', got {init!r}")
+        if init == "text":
+            if not init_text:
+                raise ValueError("init='text' needs init_text, the text whose embeddings start the prompt")
+            if tokenizer is None:
+                raise ValueError(
+                    "init='text' needs the model's tokenizer: "
+                    "PromptTuning(..., init='text', init_text=..., tokenizer=tokenizer)"
+                )
+        self.init = init
+        self.init_text = init_text
+        self.tokenizer = tokenizer
+
+    def __repr__(self) -> str:
+        return f"PromptTuning(num_virtual_tokens={self.num_virtual_tokens}, init={self.init!r})"
+
+    def build(self, located: Located) -> PromptTable:
+        weight = located.embedding.weight.detach()
+        n = self.num_virtual_tokens
+        if self.init == "random":
+            table = torch.randn(n, weight.shape[1], device=weight.device) * weight.float().std()
+        elif self.init == "vocab":
+            ids = torch.randint(0, weight.shape[0], (n,), device=weight.device)
+            table = weight[ids]
+        else:
+            ids = self._text_ids(located.vocab_size)
+            repeats = -(-n // len(ids))
+            table = weight[torch.tensor((ids * repeats)[:n], device=weight.device)]
+        return PromptTable(table)
+
+    def _text_ids(self, vocab_size: int) -> list[int]:
+        encoded = self.tokenizer(self.init_text, add_special_tokens=False)
+        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError(f"init_text {self.init_text!r} tokenizes to no tokens")
+        if max(ids) >= vocab_size:
+            raise ValueError(
+                f"the tokenizer produced id {max(ids)} but the model's embedding has "
+                f"{vocab_size} rows: is it the model's own tokenizer?"
+            )
+        return ids

@@ -1,0 +1,1 @@
+"""Hook bodies: what happens to a forward call's arguments and outputs."""

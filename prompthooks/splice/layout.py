@@ -1,0 +1,77 @@
+"""Sequence arithmetic for virtual tokens, as pure tensor functions.
+
+Each row gets ``count`` virtual tokens inserted at its own position ``at[b]``
+(right before its first real token, or after ``[CLS]``). Everything is a
+gather plus a ``where``: no Python loop over rows, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def insertion_points(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    cls_first: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Index of each row's first real token (plus one when ``[CLS]`` stays first)."""
+    if attention_mask is None:
+        at = torch.zeros(batch, dtype=torch.long, device=device)
+    else:
+        at = attention_mask.ne(0).int().argmax(dim=1)
+    return at + 1 if cls_first else at
+
+
+def _new_index(at: torch.Tensor, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the lengthened sequence: source index, virtual flag, virtual offset."""
+    j = torch.arange(length + count, device=at.device).unsqueeze(0)  # (1, L+P)
+    start = at.unsqueeze(1)  # (B, 1)
+    offset = j - start
+    is_virtual = (offset >= 0) & (offset < count)
+    source = torch.where(offset < 0, j, j - count).clamp(0, max(length - 1, 0))
+    return source, is_virtual, offset.clamp(0, count - 1)
+
+
+def insert(x: torch.Tensor, at: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Insert ``fill`` (``(P,)`` or ``(P, *rest)``) into ``x`` ``(B, L, *rest)`` at ``at[b]``."""
+    count = fill.shape[0]
+    batch, length = x.shape[0], x.shape[1]
+    source, is_virtual, offset = _new_index(at, length, count)
+    rest = x.shape[2:]
+    view = (batch, length + count) + (1,) * len(rest)
+    gathered = x.gather(1, source.view(view).expand((batch, length + count) + rest))
+    filled = fill.to(x.dtype)[offset]  # (B, L+P, *rest)
+    return torch.where(is_virtual.view(view), filled, gathered)
+
+
+def shift_positions(position_ids: torch.Tensor, at: torch.Tensor, count: int) -> torch.Tensor:
+    """Lengthen user position ids: real tokens after the prompt move up by ``count``
+    and the virtual tokens take the positions the first of them freed."""
+    batch, length = position_ids.shape
+    if batch != at.shape[0]:
+        position_ids = position_ids.expand(at.shape[0], length)
+    j = torch.arange(length, device=at.device).unsqueeze(0)
+    shifted = torch.where(j >= at.unsqueeze(1), position_ids + count, position_ids)
+    first = position_ids.gather(1, at.clamp(max=length - 1).unsqueeze(1))
+    first = torch.where(at.unsqueeze(1) >= length, first + 1, first)
+    fill_rows = first + torch.arange(count, device=at.device).unsqueeze(0)  # (B, P)
+    source, is_virtual, offset = _new_index(at, length, count)
+    return torch.where(is_virtual, fill_rows.gather(1, offset), shifted.gather(1, source))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def strip(x: torch.Tensor, at: torch.Tensor, count: int, dim: int = 1) -> torch.Tensor:
+    """Remove the ``count`` virtual positions starting at ``at[b]`` along ``dim``."""
+    length = x.shape[dim] - count
+    k = torch.arange(length, device=at.device).unsqueeze(0)
+    keep = torch.where(k < at.unsqueeze(1), k, k + count)  # (B, L)
+    shape = [1] * x.ndim
+    shape[0], shape[dim] = keep.shape[0], length
+    index = keep.view(shape).expand(*(s if i != dim else length for i, s in enumerate(x.shape)))
+    return x.gather(dim, index)

@@ -1,0 +1,271 @@
+"""Hooks that put soft prompts into a model's input and take them out of its output.
+
+One forward call of a prompted model goes through these, in order:
+
+1. ``model_pre`` on the user-facing model: token labels get ``-100`` where
+   the virtual tokens will be (the loss never scores a virtual token).
+2. ``stack_pre`` on the input stack: virtual ids are inserted into
+   ``input_ids`` before each row's first real token, and the attention mask,
+   positions and token types are lengthened to match. On a decode step (the
+   cache already holds the prompt) only the mask and positions are adjusted.
+3. ``embed_pre`` / ``embed_post`` on the token embedding: virtual ids are
+   looked up in the prompt table instead of the vocabulary.
+4. ``encoder_mask_pre`` on decoders that read the encoder output (T5): their
+   ``encoder_attention_mask`` is widened to the prompted encoder length.
+5. ``strip_post`` on the user-facing model: virtual positions are removed from
+   per-position outputs, so the user sees their own sequence length.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..kernels import splice_tokens
+from ..locators.base import Located
+from .bank import PromptBank
+from .layout import insert, insertion_points, positions_from_mask, shift_positions, strip
+
+Kwargs = dict[str, Any]
+
+
+def bind_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Kwargs:
+    """All arguments of a forward call by name, whether passed by position or not."""
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    out: Kwargs = {}
+    for name, value in bound.items():
+        if name == "kwargs" and isinstance(value, dict):
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """Where one call's virtual tokens went: what ``strip_post`` undoes."""
+
+    at: torch.Tensor  # (B,) first virtual position of each row
+    count: int
+    length: int  # lengthened sequence length
+
+
+class SoftPromptHooks:
+    """The hook functions for one attachment, sharing its per-call state."""
+
+    def __init__(self, located: Located, bank: PromptBank, strip_outputs: bool) -> None:
+        self.located = located
+        self.bank = bank
+        self.strip_outputs = strip_outputs
+        self.vocab_size = located.vocab_size
+        forward_params = inspect.signature(located.input_stack.forward).parameters
+        self.stack_takes_positions = "position_ids" in forward_params
+        self._insertion: Insertion | None = None
+        self._embed_ids: torch.Tensor | None = None
+        # Virtual tokens inserted into the sequence that each live cache holds,
+        # so decode steps know how far to shift masks and positions.
+        self._inserted: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def install(self) -> list[RemovableHandle]:
+        loc = self.located
+        handles = [
+            loc.input_stack.register_forward_pre_hook(self.stack_pre, with_kwargs=True),
+            loc.embedding.register_forward_pre_hook(self.embed_pre),
+            loc.embedding.register_forward_hook(self.embed_post),
+        ]
+        if loc.model is not loc.input_stack:
+            handles.append(loc.model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
+        for reader in loc.encoder_mask_readers:
+            handles.append(reader.register_forward_pre_hook(self.encoder_mask_pre, with_kwargs=True))
+        if self.strip_outputs:
+            handles.append(loc.model.register_forward_hook(self.strip_post))
+        return handles
+
+    # -- deciding what a call needs ------------------------------------------------
+
+    def _fresh_insertion(self, kw: Kwargs) -> tuple[str, torch.Tensor] | None:
+        """For a call that starts a sequence: (prompt name, insertion points), or
+        ``None`` if nothing is inserted (a decode step, or a template input)."""
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None or _cache_length(kw.get("past_key_values")) > 0:
+            return None
+        if ids is not None and bool((ids >= self.vocab_size).any()):
+            return None  # the user placed virtual ids themselves (a template)
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(
+                f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
+                f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
+            )
+        name = self.bank.active()
+        at = insertion_points(mask, x.shape[0], self.located.cls_first, x.device)
+        return name, at
+
+    def _check_length(self, length: int) -> None:
+        limit = self.located.max_positions
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"input too long: with the prompt the sequence has {length} positions, but "
+                f"{type(self.located.model).__name__} embeds at most {limit}. Shorten the input "
+                "(truncate to max_positions - num_virtual_tokens) or use fewer virtual tokens."
+            )
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        # Forget insertions from calls outside this one (``generate`` runs the
+        # T5 encoder on its own), so ``strip_post`` only undoes this call's.
+        self._insertion = None
+        if self.located.is_encoder_decoder:
+            return None  # labels belong to the decoder
+        kw = bind_kwargs(module, args, kwargs)
+        labels = kw.get("labels")
+        x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        if labels is None or x is None or labels.ndim != 2 or labels.shape != x.shape[:2]:
+            return None  # no labels, or per-sequence labels: nothing to align
+        plan = self._fresh_insertion(kw)
+        if plan is None:
+            return None
+        name, at = plan
+        count = self.bank.prompts[name].num_virtual_tokens
+        kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
+        return (), kw
+
+    def stack_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        kw = bind_kwargs(module, args, kwargs)
+        self._insertion = None
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None:
+            return None
+        cache = kw.get("past_key_values")
+        past = _cache_length(cache)
+        if past > 0:
+            return self._continue(kw, cache, past, x.shape[1])
+        plan = self._fresh_insertion(kw)
+        if plan is None:  # template: ids already in place
+            self._check_length(x.shape[1])
+            if cache is not None:
+                self._inserted[cache] = 0
+            return None
+        name, at = plan
+        prompt = self.bank.prompts[name]
+        count = prompt.num_virtual_tokens
+        self._check_length(x.shape[1] + count)
+        if ids is not None:
+            kw["input_ids"] = insert(ids, at, self.bank.virtual_ids_tensor(name, ids.device))
+        else:
+            kw["inputs_embeds"] = insert(embeds, at, prompt.table())
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            kw["attention_mask"] = mask = insert(mask, at, mask.new_ones(count))
+        positions = kw.get("position_ids")
+        if positions is not None:
+            kw["position_ids"] = shift_positions(positions, at, count)
+        elif mask is not None and self.stack_takes_positions:
+            kw["position_ids"] = positions_from_mask(mask)
+        token_types = kw.get("token_type_ids")
+        if token_types is not None:
+            kw["token_type_ids"] = insert(token_types, at, token_types.new_zeros(count))
+        labels = kw.get("labels")
+        if labels is not None and labels.ndim == 2 and labels.shape == x.shape[:2]:
+            kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
+        if cache is not None:
+            self._inserted[cache] = count
+        self._insertion = Insertion(at, count, x.shape[1] + count)
+        return (), kw
+
+    def _continue(self, kw: Kwargs, cache: Any, past: int, new: int) -> Any:
+        """A decode step: the cache holds the prompt; shift mask and positions to match."""
+        self._check_length(past + new)
+        mask = kw.get("attention_mask")
+        count = self._inserted.get(cache)
+        if count is None:  # a cache we did not fill: trust the mask's length
+            count = max(past + new - mask.shape[1], 0) if mask is not None else 0
+        if count == 0:
+            return None
+        if mask is not None and mask.shape[1] == past + new - count:
+            at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
+            kw["attention_mask"] = mask = insert(mask, at, mask.new_ones(count))
+        positions = kw.get("position_ids")
+        if positions is not None:
+            kw["position_ids"] = positions + count
+        elif mask is not None and self.stack_takes_positions:
+            kw["position_ids"] = positions_from_mask(mask)[:, -new:]
+        return (), kw
+
+    def embed_pre(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        ids = args[0]
+        virtual = ids >= self.vocab_size
+        if not bool(virtual.any()):
+            self._embed_ids = None
+            return None
+        self._embed_ids = ids
+        return (ids.masked_fill(virtual, 0), *args[1:])
+
+    def embed_post(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        ids, self._embed_ids = self._embed_ids, None
+        if ids is None:
+            return None
+        return splice_tokens(output, ids, self.bank.table(), self.vocab_size)
+
+    def encoder_mask_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        kw = bind_kwargs(module, args, kwargs)
+        states, mask = kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")
+        if states is None or mask is None or states.shape[1] <= mask.shape[1]:
+            return None
+        at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
+        kw["encoder_attention_mask"] = insert(mask, at, mask.new_ones(states.shape[1] - mask.shape[1]))
+        return (), kw
+
+    def strip_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        ins, self._insertion = self._insertion, None
+        if ins is None:
+            return None
+        if isinstance(output, dict):  # transformers' ModelOutput
+            for key in list(output.keys()):
+                stripped = self._strip_field(key, output[key], ins)
+                if stripped is not None:
+                    output[key] = stripped
+            return output
+        if isinstance(output, tuple):
+            return tuple(_strip_any(v, ins) for v in output)
+        return _strip_any(output, ins)
+
+    def _strip_field(self, key: str, value: Any, ins: Insertion) -> Any:
+        encoder_side = self.located.is_encoder_decoder
+        if encoder_side and not key.startswith("encoder_") and key != "cross_attentions":
+            return None
+        if key.endswith("attentions") and isinstance(value, tuple):
+            if key == "cross_attentions":  # (B, H, L_dec, L_enc): keys only
+                return tuple(_strip_dim(a, ins, 3) for a in value)
+            return tuple(_strip_dim(_strip_dim(a, ins, 2), ins, 3) for a in value)
+        return _strip_any(value, ins)
+
+
+def _strip_dim(x: Any, ins: Insertion, dim: int) -> Any:
+    if isinstance(x, torch.Tensor) and x.ndim > dim and x.shape[dim] == ins.length:
+        return strip(x, ins.at, ins.count, dim)
+    return x
+
+
+def _strip_any(value: Any, ins: Insertion) -> Any:
+    """Strip per-position tensors ``(B, L+P, ...)``; recurse into tuples of them."""
+    if isinstance(value, tuple):
+        return tuple(_strip_any(v, ins) for v in value)
+    if isinstance(value, torch.Tensor) and value.ndim >= 3:
+        return _strip_dim(value, ins, 1)
+    return value
