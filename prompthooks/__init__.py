@@ -1,8 +1,8 @@
 """prompthooks: soft prompts for any PyTorch model, attached with hooks.
 
-    import prompthooks as ph
-    with ph.attach(model, ph.PromptTuning(20)) as att:
-        loss = model(**batch).loss      # your own call, unchanged
+import prompthooks as ph
+with ph.attach(model, ph.PromptTuning(20)) as att:
+    loss = model(**batch).loss      # your own call, unchanged
 """
 
 from .attach import Attachment, attach, tune

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, Union
+from typing import ParamSpec, TypeVar
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -20,8 +20,8 @@ from .methods.base import PromptSpec, SoftPrompt
 from .splice.bank import PromptBank
 from .splice.tokens import SoftPromptHooks
 
-PromptLike = Union[PromptSpec, SoftPrompt]
-Prompts = Union[PromptLike, Mapping[str, PromptLike]]
+PromptLike = PromptSpec | SoftPrompt
+Prompts = PromptLike | Mapping[str, PromptLike]
 
 #: Attribute under which the prompts are registered on the model while attached.
 ATTRIBUTE = "prompthooks"

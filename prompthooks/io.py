@@ -50,7 +50,8 @@ def load(path: str | Path) -> dict[str, SoftPrompt]:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a prompthooks file (format {metadata.get('format')!r})")
+            found = metadata.get("format")
+            raise ValueError(f"{path} is not a prompthooks file (format {found!r})")
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     meta = json.loads(metadata["config"])
     prompts: dict[str, SoftPrompt] = {}
@@ -67,7 +68,9 @@ def load_peft(directory: str | Path) -> SoftPrompt:
     config_file = directory / "adapter_config.json"
     weights_file = directory / "adapter_model.safetensors"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: is {directory} a PEFT adapter directory?")
+        raise FileNotFoundError(
+            f"{config_file} not found: is {directory} a PEFT adapter directory?"
+        )
     if not weights_file.is_file():
         raise FileNotFoundError(
             f"{weights_file} not found (only safetensors adapters are read, never pickle files)"
@@ -75,7 +78,9 @@ def load_peft(directory: str | Path) -> SoftPrompt:
     config = json.loads(config_file.read_text())
     peft_type = config.get("peft_type")
     if peft_type != "PROMPT_TUNING":
-        raise ValueError(f"{directory}: peft_type {peft_type!r} is not supported (PROMPT_TUNING is)")
+        raise ValueError(
+            f"{directory}: peft_type {peft_type!r} is not supported (PROMPT_TUNING is)"
+        )
     with safe_open(str(weights_file), framework="pt") as f:
         if "prompt_embeddings" not in f.keys():
             raise ValueError(f"{weights_file} has no 'prompt_embeddings' tensor")

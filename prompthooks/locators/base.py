@@ -73,8 +73,7 @@ class Located:
 
         lines = [
             f"{type(self.model).__name__} (located by {self.locator!r})",
-            f"  token embedding : {name(self.embedding)} "
-            f"({self.vocab_size} x {self.hidden_size})",
+            f"  token embedding : {name(self.embedding)} ({self.vocab_size} x {self.hidden_size})",
             f"  input stack     : {name(self.input_stack)}",
         ]
         if self.encoder_mask_readers:

@@ -3,6 +3,8 @@ token classification, ...). ``[CLS]`` stays first; prompts go after it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
@@ -18,8 +20,7 @@ class BertLocator(Locator):
         return isinstance(model, BertPreTrainedModel)
 
     def locate(self, model: nn.Module) -> Located:
-        stack = model if isinstance(model, BertModel) else model.bert
-        assert isinstance(stack, BertModel)
+        stack: Any = model if isinstance(model, BertModel) else model.bert
         sites = tuple(
             AttentionSite(
                 module=layer.attention.self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 
@@ -17,8 +19,7 @@ class GPT2Locator(Locator):
         return isinstance(model, GPT2PreTrainedModel)
 
     def locate(self, model: nn.Module) -> Located:
-        stack = model if isinstance(model, GPT2Model) else model.transformer
-        assert isinstance(stack, GPT2Model)
+        stack: Any = model if isinstance(model, GPT2Model) else model.transformer
         sites = tuple(
             AttentionSite(
                 module=block.attn,

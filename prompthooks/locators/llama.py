@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
@@ -17,8 +19,7 @@ class LlamaLocator(Locator):
         return isinstance(model, LlamaPreTrainedModel)
 
     def locate(self, model: nn.Module) -> Located:
-        stack = model if isinstance(model, LlamaModel) else model.model
-        assert isinstance(stack, LlamaModel)
+        stack: Any = model if isinstance(model, LlamaModel) else model.model
         sites = []
         for i, layer in enumerate(stack.layers):
             attn = layer.self_attn

@@ -20,9 +20,7 @@ def register_locator(cls: L) -> L:
     one, so re-running a notebook cell does not pile up duplicates.
     """
     if not (isinstance(cls, type) and issubclass(cls, Locator)):
-        raise TypeError(
-            f"register_locator expects a subclass of prompthooks.Locator, got {cls!r}"
-        )
+        raise TypeError(f"register_locator expects a subclass of prompthooks.Locator, got {cls!r}")
     _LOCATORS[:] = [loc for loc in _LOCATORS if loc.name != cls.name]
     _LOCATORS.insert(0, cls())
     return cls

@@ -9,6 +9,8 @@ as an encoder-mask reader and gets that mask widened too.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from transformers.models.t5.modeling_t5 import T5PreTrainedModel, T5Stack
 
@@ -16,7 +18,7 @@ from .base import AttentionSite, Located, Locator, Role
 from .registry import register_locator
 
 
-def _sites(stack: T5Stack, self_role: Role) -> list[AttentionSite]:
+def _sites(stack: Any, self_role: Role) -> list[AttentionSite]:
     sites = []
     for i, block in enumerate(stack.block):
         attn = block.layer[0].SelfAttention

@@ -60,7 +60,9 @@ class PromptTuning:
             raise ValueError(f"init must be 'random', 'text' or 'vocab', got {init!r}")
         if init == "text":
             if not init_text:
-                raise ValueError("init='text' needs init_text, the text whose embeddings start the prompt")
+                raise ValueError(
+                    "init='text' needs init_text, the text whose embeddings start the prompt"
+                )
             if tokenizer is None:
                 raise ValueError(
                     "init='text' needs the model's tokenizer: "
@@ -79,18 +81,17 @@ class PromptTuning:
         if self.init == "random":
             table = torch.randn(n, weight.shape[1], device=weight.device) * weight.float().std()
         elif self.init == "vocab":
-            ids = torch.randint(0, weight.shape[0], (n,), device=weight.device)
-            table = weight[ids]
+            table = weight[torch.randint(0, weight.shape[0], (n,), device=weight.device)]
         else:
-            ids = self._text_ids(located.vocab_size)
-            repeats = -(-n // len(ids))
-            table = weight[torch.tensor((ids * repeats)[:n], device=weight.device)]
+            text_ids = self._text_ids(located.vocab_size)
+            repeated = (text_ids * -(-n // len(text_ids)))[:n]
+            table = weight[torch.tensor(repeated, device=weight.device)]
         return PromptTable(table)
 
     def _text_ids(self, vocab_size: int) -> list[int]:
         encoded = self.tokenizer(self.init_text, add_special_tokens=False)
-        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-        ids = [int(i) for i in ids]
+        raw = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        ids = [int(i) for i in raw]
         if not ids:
             raise ValueError(f"init_text {self.init_text!r} tokenizes to no tokens")
         if max(ids) >= vocab_size:

@@ -24,7 +24,9 @@ def insertion_points(
     return at + 1 if cls_first else at
 
 
-def _new_index(at: torch.Tensor, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _new_index(
+    at: torch.Tensor, length: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the lengthened sequence: source index, virtual flag, virtual offset."""
     j = torch.arange(length + count, device=at.device).unsqueeze(0)  # (1, L+P)
     start = at.unsqueeze(1)  # (B, 1)

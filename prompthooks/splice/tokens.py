@@ -88,7 +88,9 @@ class SoftPromptHooks:
         if loc.model is not loc.input_stack:
             handles.append(loc.model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
         for reader in loc.encoder_mask_readers:
-            handles.append(reader.register_forward_pre_hook(self.encoder_mask_pre, with_kwargs=True))
+            handles.append(
+                reader.register_forward_pre_hook(self.encoder_mask_pre, with_kwargs=True)
+            )
         if self.strip_outputs:
             handles.append(loc.model.register_forward_hook(self.strip_post))
         return handles
@@ -168,7 +170,7 @@ class SoftPromptHooks:
         if ids is not None:
             kw["input_ids"] = insert(ids, at, self.bank.virtual_ids_tensor(name, ids.device))
         else:
-            kw["inputs_embeds"] = insert(embeds, at, prompt.table())
+            kw["inputs_embeds"] = insert(x, at, prompt.table())
         mask = kw.get("attention_mask")
         if mask is not None:
             kw["attention_mask"] = mask = insert(mask, at, mask.new_ones(count))
@@ -228,7 +230,8 @@ class SoftPromptHooks:
         if states is None or mask is None or states.shape[1] <= mask.shape[1]:
             return None
         at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
-        kw["encoder_attention_mask"] = insert(mask, at, mask.new_ones(states.shape[1] - mask.shape[1]))
+        extra = states.shape[1] - mask.shape[1]
+        kw["encoder_attention_mask"] = insert(mask, at, mask.new_ones(extra))
         return (), kw
 
     def strip_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:

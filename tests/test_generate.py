@@ -1,0 +1,96 @@
+"""Padding never changes a row, and generate works with a prompt attached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
+
+import prompthooks as ph
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_row_equals_row_alone_forward(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = batch(arch, [7, 3, 5], seed=5)
+    with ph.attach(model, ph.PromptTuning(4)), torch.no_grad():
+        padded = model(**model_inputs(arch, ids, mask)).logits
+        for row in range(3):
+            alone_ids = unpad(arch, ids, mask, row)
+            kw = model_inputs(arch, alone_ids, None)
+            if arch == "t5":
+                kw["decoder_input_ids"] = decoder_ids(3)[row : row + 1]
+            alone = model(**kw).logits
+            got = padded[row : row + 1] if arch == "t5" else padded[row : row + 1, mask[row].bool()]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+GEN_ARCHS = ("gpt2", "llama", "t5")
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, **kw: object):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **kw)
+
+
+def _new_tokens(arch: str, out: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    return out[:, prompt_len:] if arch in DECODER_ONLY else out
+
+
+@pytest.mark.parametrize("arch", GEN_ARCHS)
+def test_greedy_generate_padded_row_equals_row_alone(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 3, 5], seed=7)
+    with ph.attach(model, ph.PromptTuning(4)):
+        together = _new_tokens(arch, _generate(model, ids, mask, do_sample=False), ids.shape[1])
+        for row in range(3):
+            alone_ids = unpad(arch, ids, mask, row)
+            alone = _generate(model, alone_ids, torch.ones_like(alone_ids), do_sample=False)
+            assert torch.equal(together[row], _new_tokens(arch, alone, alone_ids.shape[1])[0])
+
+
+@pytest.mark.parametrize("arch", GEN_ARCHS)
+def test_generate_with_cache_equals_without(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 3], seed=8)
+    with ph.attach(model, ph.PromptTuning(5)):
+        cached = _generate(model, ids, mask, do_sample=False, use_cache=True)
+        uncached = _generate(model, ids, mask, do_sample=False, use_cache=False)
+        beams = _generate(model, ids, mask, num_beams=3, use_cache=True)
+        beams_uncached = _generate(model, ids, mask, num_beams=3, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(beams, beams_uncached)
+
+
+@pytest.mark.parametrize("arch", GEN_ARCHS)
+def test_prompt_changes_generation_and_detach_restores_it(arch: str) -> None:
+    """The prompt takes part in every decode step (a no-op hook would fail this)."""
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 4], seed=9)
+
+    def scores() -> torch.Tensor:
+        out = _generate(
+            model, ids, mask, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        return torch.stack(out.scores)
+
+    base = scores()
+    with ph.attach(model, ph.PromptTuning(6)):
+        prompted = scores()
+    assert base.shape == prompted.shape
+    assert (base - prompted).abs().amax(dim=(1, 2)).min() > 1e-4  # every step differs
+    assert torch.equal(base, scores())
+
+
+@pytest.mark.parametrize("arch", GEN_ARCHS)
+def test_sampling_and_beam_search_run_with_expanded_rows(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 3], seed=10)
+    with ph.attach(model, ph.PromptTuning(3)):
+        torch.manual_seed(0)
+        sampled = _generate(model, ids, mask, do_sample=True, top_k=10, num_return_sequences=2)
+        beams = _generate(model, ids, mask, num_beams=4, num_return_sequences=2)
+    expected_len = ids.shape[1] + 6 if arch in DECODER_ONLY else 7
+    assert sampled.shape == (4, expected_len)
+    assert beams.shape == (4, expected_len)
+    if arch in DECODER_ONLY:  # the user's tokens come back unchanged
+        assert torch.equal(beams[::2, : ids.shape[1]], ids)

@@ -1,0 +1,121 @@
+"""Prompted logits and loss equal the model run by hand on ``inputs_embeds``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import ARCHS, batch, decoder_ids, tiny
+from oracle import oracle_logits
+
+import prompthooks as ph
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_loss_match_inputs_embeds_oracle(arch: str, attn: str) -> None:
+    model = tiny(arch, attn)
+    ids, mask = batch(arch, [7, 4, 6], seed=3)
+    labels = decoder_ids(3, 4, seed=4) if arch == "t5" else ids.masked_fill(mask == 0, -100)
+    extra = {"decoder_input_ids": decoder_ids(3)} if arch == "t5" else {}
+    with ph.attach(model, ph.PromptTuning(5)) as att:
+        table = att.prompts["default"].table().detach().clone()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    with torch.no_grad():
+        ref_logits, ref_loss = oracle_logits(model, arch, ids, mask, table, labels, **extra)
+    assert out.logits.shape == ref_logits.shape
+    torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_only_the_prompt() -> None:
+    model = tiny("llama")
+    ids, mask = batch("llama", [6, 3])
+    with ph.attach(model, ph.PromptTuning(4)) as att:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        (param,) = list(att.parameters())
+        assert param.grad is not None and param.grad.abs().sum() > 0
+        assert all(p.grad is None for n, p in model.named_parameters() if "prompthooks" not in n)
+
+
+def test_strip_false_keeps_virtual_positions() -> None:
+    model = tiny("gpt2")
+    ids, mask = batch("gpt2", [5, 5])
+    with ph.attach(model, ph.PromptTuning(3), strip=False), torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask).logits.shape[1] == 8
+    with ph.attach(model, ph.PromptTuning(3)), torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask).logits.shape[1] == 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hidden_states_and_attentions_are_stripped(arch: str) -> None:
+    model = tiny(arch, "eager")
+    ids, mask = batch(arch, [6, 4])
+    extra = {"decoder_input_ids": decoder_ids(2)} if arch == "t5" else {}
+    with ph.attach(model, ph.PromptTuning(3)), torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            output_hidden_states=True,
+            output_attentions=True,
+            **extra,
+        )
+    if arch == "t5":
+        assert out.encoder_last_hidden_state.shape[1] == 6
+        assert all(h.shape[1] == 6 for h in out.encoder_hidden_states)
+        assert all(a.shape[-2:] == (6, 6) for a in out.encoder_attentions)
+        assert all(a.shape[-1] == 6 for a in out.cross_attentions)
+        assert out.logits.shape[1] == 4  # decoder positions are the user's own
+    else:
+        assert all(h.shape[1] == 6 for h in out.hidden_states)
+        assert all(a.shape[-2:] == (6, 6) for a in out.attentions)
+
+
+def test_bert_heads_keep_cls_first_and_align_labels() -> None:
+    """Token labels get -100 after [CLS]; sequence labels are untouched."""
+    tok = tiny("bert", head="tok")
+    ids, mask = batch("bert", [6, 4])
+    labels = torch.randint(0, 2, ids.shape)
+    with ph.attach(tok, ph.PromptTuning(3)) as att:
+        table = att.prompts["default"].table().detach().clone()
+        with torch.no_grad():
+            out = tok(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        ref, ref_loss = oracle_logits(tok, "bert", ids, mask, table, labels)
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=0)
+
+    cls = tiny("bert", head="cls")
+    with ph.attach(cls, ph.PromptTuning(3)), torch.no_grad():
+        out = cls(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 2) and out.loss is not None
+
+
+def test_user_position_ids_describe_real_tokens() -> None:
+    """Explicit positions equal to the mask-derived ones give the same logits."""
+    model = tiny("gpt2")
+    ids, mask = batch("gpt2", [6, 3])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with ph.attach(model, ph.PromptTuning(4)), torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits
+        b = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-6, rtol=0)
+
+
+def test_positional_arguments_work() -> None:
+    model = tiny("gpt2")
+    ids, _ = batch("gpt2", [5])
+    with ph.attach(model, ph.PromptTuning(2)), torch.no_grad():
+        a = model(ids).logits
+        b = model(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_inputs_embeds_get_the_prompt_too() -> None:
+    model = tiny("llama")
+    ids, mask = batch("llama", [6, 4])
+    with ph.attach(model, ph.PromptTuning(3)), torch.no_grad():
+        from_ids = model(input_ids=ids, attention_mask=mask).logits
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(from_ids, from_embeds, atol=1e-6, rtol=0)

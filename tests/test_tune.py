@@ -1,0 +1,75 @@
+"""The decorator, save/load, and the three initialisations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from models import VOCAB, batch, same_snapshot, snapshot, tiny
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import prompthooks as ph
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab["[UNK]"] = 0
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_tune_decorates_unchanged_training_code(tmp_path: Path) -> None:
+    model = tiny("gpt2")
+    before = snapshot(model)
+    ids, mask = batch("gpt2", [6, 4])
+    path = tmp_path / "prompt.safetensors"
+
+    @ph.tune(ph.PromptTuning(4), model="model", save_to=path)
+    def train(model: torch.nn.Module, steps: int) -> float:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+        return float(loss.detach())
+
+    first = train(model, 1)
+    later = train(model, 5)  # a fresh prompt each call, trained for longer
+    assert later < first
+    assert same_snapshot(before, snapshot(model))
+    ((name, prompt),) = ph.load(path).items()
+    with ph.attach(model, prompt), torch.no_grad():
+        reloaded = float(model(input_ids=ids, attention_mask=mask, labels=ids).loss)
+    assert reloaded < first
+
+
+def test_tune_needs_the_named_parameter() -> None:
+    with pytest.raises(TypeError, match="'net'"):
+        ph.tune(ph.PromptTuning(2), model="net")(lambda model: None)
+
+
+def test_text_init_uses_the_texts_embeddings_repeated_to_length() -> None:
+    model = tiny("llama")
+    tok = word_tokenizer()
+    spec = ph.PromptTuning(5, init="text", init_text="w7 w9", tokenizer=tok)
+    with ph.attach(model, spec) as att:
+        table = att.prompts["default"].weight.detach()
+        embed = model.get_input_embeddings().weight
+        assert torch.equal(table, embed[[7, 9, 7, 9, 7]])
+
+
+def test_vocab_init_copies_vocabulary_rows_and_random_init_is_scaled() -> None:
+    model = tiny("gpt2")
+    embed = model.get_input_embeddings().weight.detach()
+    with ph.attach(model, ph.PromptTuning(6, init="vocab")) as att:
+        table = att.prompts["default"].weight.detach()
+        assert all(any(torch.equal(row, e) for e in embed) for row in table)
+    torch.manual_seed(0)
+    with ph.attach(model, ph.PromptTuning(200, init="random")) as att:
+        std = float(att.prompts["default"].weight.std())
+    assert abs(std - float(embed.std())) < 0.3 * float(embed.std())
+    assert len(list(att.parameters())) == 1
