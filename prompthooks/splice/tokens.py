@@ -18,6 +18,7 @@ One forward call of a prompted model goes through these, in order:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -35,12 +36,20 @@ from .layout import insert, insertion_points, positions_from_mask, shift_positio
 Kwargs = dict[str, Any]
 
 
+@functools.lru_cache(maxsize=256)
+def _signature(forward_function: Any) -> inspect.Signature:
+    return inspect.signature(forward_function)
+
+
 def bind_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Kwargs:
     """All arguments of a forward call by name, whether passed by position or not."""
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-    out: Kwargs = {}
-    for name, value in bound.items():
-        if name == "kwargs" and isinstance(value, dict):
+    if not args:  # the common case: transformers calls its stacks by keyword
+        return dict(kwargs)
+    signature = _signature(type(module).forward)
+    bound = signature.bind_partial(module, *args, **kwargs).arguments
+    out = {}
+    for name, value in list(bound.items())[1:]:  # skip self
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         else:
             out[name] = value
