@@ -114,12 +114,25 @@ def _is_complete(folder: Path, fingerprint: dict[str, object]) -> bool:
     return bool(saved.get("source") == fingerprint)
 
 
+def _pid_alive(pid: int) -> bool:
+    """True if a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists but belongs to someone else
+        return True
+    return True
+
+
 def _remove_stale_tmp(parent: Path) -> None:
-    """Delete temp folders left behind by conversions that were killed long ago."""
+    """Delete temp folders left by conversions that were killed (dead pid, or old)."""
     now = time.time()
     for stale in parent.glob(_TMP_PREFIX + "*"):
+        pid_text = stale.name[len(_TMP_PREFIX) :].split("-", 1)[0]
         try:
-            if now - stale.stat().st_mtime > _STALE_TMP_SECONDS:
+            dead = not pid_text.isdigit() or not _pid_alive(int(pid_text))
+            if dead or now - stale.stat().st_mtime > _STALE_TMP_SECONDS:
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
@@ -166,7 +179,8 @@ def smollm2_dir() -> Path:
 
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache folder need not be
     try:
         _convert(gguf, tmp)
         marker = {"source": fingerprint, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

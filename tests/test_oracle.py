@@ -119,3 +119,27 @@ def test_inputs_embeds_get_the_prompt_too() -> None:
         embeds = model.get_input_embeddings()(ids)
         from_embeds = model(inputs_embeds=embeds, attention_mask=mask).logits
     torch.testing.assert_close(from_ids, from_embeds, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_gradient_checkpointing_gives_the_same_loss_and_prompt_gradient(arch: str) -> None:
+    model = tiny(arch)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids, mask = batch(arch, [6, 4])
+    with ph.attach(model, ph.PromptTuning(3)) as att:
+        weight = att.prompts["default"].weight
+        results = []
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.activation_checkpointing_enable()
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            assert weight.grad is not None
+            results.append((loss.detach(), weight.grad.clone()))
+            weight.grad = None
+        model.activation_checkpointing_disable()
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=0)

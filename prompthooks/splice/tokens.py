@@ -69,6 +69,7 @@ class Insertion:
     at: torch.Tensor  # (B,) first virtual position of each row
     count: int
     length: int  # lengthened sequence length
+    at_front: bool  # every row starts with its prompt: stripping is a free view
 
 
 class SoftPromptHooks:
@@ -196,7 +197,8 @@ class SoftPromptHooks:
             kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
         if cache is not None:
             self._inserted[cache] = count
-        self._insertion = Insertion(at, count, x.shape[1] + count)
+        at_front = not self.located.cls_first and (mask is None or not bool(at.any()))
+        self._insertion = Insertion(at, count, x.shape[1] + count, at_front)
         return (), kw
 
     def _continue(self, kw: Kwargs, cache: Any, past: int, new: int) -> Any:
@@ -269,9 +271,11 @@ class SoftPromptHooks:
 
 
 def _strip_dim(x: Any, ins: Insertion, dim: int) -> Any:
-    if isinstance(x, torch.Tensor) and x.ndim > dim and x.shape[dim] == ins.length:
-        return strip(x, ins.at, ins.count, dim)
-    return x
+    if not (isinstance(x, torch.Tensor) and x.ndim > dim and x.shape[dim] == ins.length):
+        return x
+    if ins.at_front:  # a view: no copy of vocabulary-sized logits (see benchmarks/overhead.py)
+        return x.narrow(dim, ins.count, ins.length - ins.count)
+    return strip(x, ins.at, ins.count, dim)
 
 
 def _strip_any(value: Any, ins: Insertion) -> Any:

@@ -1,0 +1,338 @@
+"""Training-step overhead of prompthooks against a hand-written floor and PEFT.
+
+What is measured: the wall time of one training step (zero the prompt's grad,
+forward with labels, ``loss.backward()``; no optimizer step, for any contestant)
+of prompt tuning with P virtual tokens, on random-weight GPT-2 and LLaMA-shaped
+models, fp32 on CPU, for three contestants:
+
+* ``floor``: the base model fed ``L + P`` positions by hand
+  (``inputs_embeds = cat(prompt, embed(ids))``, a mask of ones, ``-100`` labels
+  on the prompt). This is the unavoidable cost of running ``L + P`` tokens.
+* ``prompthooks``: ``ph.attach(model, ph.PromptTuning(P))`` and the user's own,
+  unchanged call ``model(input_ids=..., attention_mask=..., labels=...)``.
+* ``peft``: ``get_peft_model(copy, PromptTuningConfig(...))`` on a deep copy of
+  the same weights, called with the same batch.
+
+Time above the floor is what the library costs. Steps are interleaved (one
+step of each contestant per round, in rotating order) so that drift in machine
+speed hits all contestants alike; medians and IQRs are reported. The floor and
+prompthooks share one model object, so prompthooks is attached right before
+each of its timed steps and detached right after, outside the timer.
+
+    python benchmarks/overhead.py [--repeats N] [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers as tf
+from peft import PromptTuningConfig, get_peft_model
+from torch import nn
+
+import prompthooks as ph
+
+BATCH = 8
+LENGTH = 128
+P = 20
+WARMUP = 3
+CONTESTANTS = ("floor", "prompthooks", "peft")
+
+Step = Callable[[], torch.Tensor]
+
+
+@dataclass
+class Result:
+    model: str
+    contestant: str
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    x_floor: float  # ratio of medians
+    x_floor_paired: float  # median over rounds of (this step / floor step, same round)
+    times_ms: list[float]
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+
+def build_model(name: str) -> nn.Module:
+    """A random-weight model in train mode with no dropout and sdpa attention."""
+    torch.manual_seed(0)
+    config: Any
+    if name == "gpt2":
+        config = tf.GPT2Config(
+            n_layer=4,
+            n_embd=256,
+            n_head=4,
+            vocab_size=50257,
+            n_positions=1024,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        cls: Any = tf.GPT2LMHeadModel
+    elif name == "llama":
+        config = tf.LlamaConfig(
+            num_hidden_layers=4,
+            hidden_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=688,
+            vocab_size=32000,
+            attention_dropout=0.0,
+        )
+        cls = tf.LlamaForCausalLM
+    else:
+        raise ValueError(name)
+    config._attn_implementation = "sdpa"
+    model: nn.Module = cls(config)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor], cls: type) -> bool:
+    """Same class, same module tree, same values, no PEFT attributes, base frozen."""
+    now = model.state_dict()
+    return (
+        type(model) is cls
+        and now.keys() == before.keys()
+        and all(torch.equal(now[k], before[k]) for k in before)
+        and not hasattr(model, "peft_config")
+        and not any("prompt_encoder" in n or "lora" in n for n, _ in model.named_modules())
+        and not any(p.requires_grad for p in model.parameters())
+    )
+
+
+class Bench:
+    """The three contestants for one model, on one batch and one prompt table."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.model = build_model(name)
+        # Copy before anything is attached: PEFT wraps (and may edit) what it is given.
+        peft_base = copy.deepcopy(self.model)
+        self.cls = type(self.model)
+        self.before = model_state(self.model)
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, vocab, (BATCH, LENGTH), generator=g)
+        self.mask = torch.ones_like(self.ids)
+        init = torch.randn(P, hidden, generator=g) * 0.02
+        # floor inputs
+        self.table = init.clone().requires_grad_(True)
+        self.floor_mask = torch.ones(BATCH, LENGTH + P, dtype=torch.long)
+        self.floor_labels = torch.cat(
+            [torch.full((BATCH, P), -100, dtype=torch.long), self.ids], dim=1
+        )
+        # peft
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.peft_model = get_peft_model(
+                peft_base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+            )
+        self.peft_model.train()
+        self.peft_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            self.peft_model.prompt_encoder["default"].embedding.weight.copy_(init)
+        self.att: ph.Attachment | None = None
+
+    # -- one training step each --------------------------------------------------
+
+    def floor_step(self) -> torch.Tensor:
+        self.table.grad = None
+        embeds = self.model.get_input_embeddings()(self.ids)
+        prompt = self.table.unsqueeze(0).expand(BATCH, P, embeds.shape[-1])
+        loss = self.model(
+            inputs_embeds=torch.cat([prompt, embeds], dim=1),
+            attention_mask=self.floor_mask,
+            labels=self.floor_labels,
+        ).loss
+        loss.backward()
+        return loss.detach()
+
+    def prompthooks_step(self) -> torch.Tensor:
+        assert self.att is not None
+        for p in self.att.parameters():
+            p.grad = None
+        loss = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids).loss
+        loss.backward()
+        return loss.detach()
+
+    def peft_step(self) -> torch.Tensor:
+        for p in self.peft_params:
+            p.grad = None
+        loss = self.peft_model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids).loss
+        loss.backward()
+        return loss.detach()
+
+    # -- prompthooks on and off (untimed) ----------------------------------------
+
+    def attach(self) -> None:
+        self.att = ph.attach(self.model, ph.PromptTuning(P))
+        with torch.no_grad():
+            self.att.prompts["default"].weight.copy_(self.table)
+
+    def detach(self) -> None:
+        assert self.att is not None
+        self.att.detach()
+        self.att = None
+
+    def run(self, contestant: str) -> tuple[float, torch.Tensor]:
+        """Time one step of ``contestant``; seconds and the loss."""
+        step: Step = getattr(self, f"{contestant}_step")
+        hooked = contestant == "prompthooks"
+        if hooked:
+            self.attach()
+        try:
+            start = time.perf_counter()
+            loss = step()
+            elapsed = time.perf_counter() - start
+        finally:
+            if hooked:
+                self.detach()
+        return elapsed, loss
+
+
+def summarize(name: str, times: dict[str, list[float]]) -> list[Result]:
+    floor = times["floor"]
+    out = []
+    for c in CONTESTANTS:
+        ms = [t * 1e3 for t in times[c]]
+        q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], 0.0, ms[0])
+        paired = statistics.median(t / f for t, f in zip(times[c], floor, strict=True))
+        out.append(
+            Result(
+                model=name,
+                contestant=c,
+                median_ms=statistics.median(ms),
+                q1_ms=q1,
+                q3_ms=q3,
+                x_floor=statistics.median(times[c]) / statistics.median(floor),
+                x_floor_paired=paired,
+                times_ms=ms,
+            )
+        )
+    return out
+
+
+def bench_model(name: str, repeats: int, warmup: int) -> tuple[list[Result], dict[str, Any]]:
+    bench = Bench(name)
+    # Warm-up. No optimizer step, so every step of every contestant sees the same
+    # prompt values: the last warm-up losses double as the sanity check.
+    losses = {c: [bench.run(c)[1] for _ in range(warmup)][-1] for c in CONTESTANTS}
+    diffs = {c: float((losses[c] - losses["floor"]).abs()) for c in CONTESTANTS[1:]}
+    times: dict[str, list[float]] = {c: [] for c in CONTESTANTS}
+    for r in range(repeats):
+        k = r % len(CONTESTANTS)
+        for c in CONTESTANTS[k:] + CONTESTANTS[:k]:
+            times[c].append(bench.run(c)[0])
+    intact = unchanged(bench.model, bench.before, bench.cls)
+    check = {"loss_max_abs_diff_vs_floor": diffs, "model_untouched_by_peft": intact}
+    return summarize(name, times), check
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 warm-up")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    args = parser.parse_args(argv)
+    repeats, warmup = (3, 1) if args.quick else (args.repeats, WARMUP)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    header = (
+        f"torch {torch.__version__}, transformers {tf.__version__}, peft {peft.__version__}, "
+        f"prompthooks {getattr(ph, '__version__', 'dev')}; "
+        f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}); "
+        f"fp32 CPU, train mode, dropout 0, sdpa; batch {BATCH}, length {LENGTH}, P {P}; "
+        f"step = zero prompt grad + forward + backward (no optimizer); "
+        f"{warmup} warm-up, {repeats} interleaved rounds"
+    )
+    tf.logging.set_verbosity_error()
+    print(header, flush=True)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    results: list[Result] = []
+    checks: dict[str, Any] = {}
+    for name in args.models:
+        t0 = time.perf_counter()
+        res, check = bench_model(name, repeats, warmup)
+        results += res
+        checks[name] = check
+        diffs = ", ".join(f"{c} {d:.2e}" for c, d in check["loss_max_abs_diff_vs_floor"].items())
+        print(
+            f"[{name}] loss |diff| vs floor with equal prompts: {diffs}; "
+            f"prompthooks model untouched by PEFT: {check['model_untouched_by_peft']}; "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+    total = time.perf_counter() - started
+
+    print()
+    print("| model | contestant | median ms/step | IQR ms | x floor | x floor (paired) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.model} | {r.contestant} | {r.median_ms:.1f} | {r.iqr_ms:.1f} "
+            f"| {r.x_floor:.3f} | {r.x_floor_paired:.3f} |"
+        )
+    print()
+    for name in args.models:
+        by = {r.contestant: r for r in results if r.model == name}
+        ratio = by["prompthooks"].median_ms / by["peft"].median_ms
+        print(f"{name}: prompthooks / peft = {ratio:.3f}")
+    load_after = os.getloadavg()[0]
+    print(
+        f"total {total:.1f} s; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
+    )
+    if max(load_before, load_after) > torch.get_num_threads() + 0.5:
+        print("warning: the machine looks busy; timings may be noisy")
+
+    if args.json is not None:
+        payload = {
+            "header": header,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": tf.__version__,
+                "peft": peft.__version__,
+            },
+            "threads": torch.get_num_threads(),
+            "shapes": {"batch": BATCH, "length": LENGTH, "num_virtual_tokens": P},
+            "repeats": repeats,
+            "warmup": warmup,
+            "checks": checks,
+            "results": [asdict(r) | {"iqr_ms": r.iqr_ms} for r in results],
+            "total_s": total,
+            "load_average": [load_before, load_after],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
