@@ -67,11 +67,11 @@ def accuracy(model, tokenizer, texts, labels, words, batch_size: int = 16) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train", type=int, default=320, help="training reviews")
+    parser.add_argument("--train", type=int, default=480, help="training reviews")
     parser.add_argument("--test", type=int, default=200, help="held-out reviews")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
