@@ -267,7 +267,7 @@ def rotten_tomatoes(
     Labels are 1 for a "fresh" (positive) and 0 for a "rotten" (negative)
     review. Each split has ``n // 2`` negatives and ``n - n // 2`` positives,
     drawn without overlap, and is shuffled; the same ``seed`` always gives the
-    same split.
+    same split, and the test set does not depend on ``n_train``.
     """
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be non-negative")
@@ -286,8 +286,9 @@ def rotten_tomatoes(
                 f"asked for {k_train + k_test} reviews with label {label}, only {len(texts)} exist"
             )
         rng.shuffle(texts)
-        train += [(t, label) for t in texts[:k_train]]
-        test += [(t, label) for t in texts[k_train : k_train + k_test]]
+        # Test first: the held-out set depends on the seed and n_test only.
+        test += [(t, label) for t in texts[:k_test]]
+        train += [(t, label) for t in texts[k_test : k_test + k_train]]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test

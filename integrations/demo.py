@@ -12,7 +12,7 @@ comparing its next-token scores for " positive" and " negative". The script
 5. detaches, and checks that the model is exactly the model it was.
 
 Run from the repository root: ``python integrations/demo.py`` (about 5 minutes on
-two CPU cores; the first run also converts the GGUF file once, ~15 s).
+two CPU cores; the first run also converts the GGUF file once, ~30 s).
 """
 
 from __future__ import annotations
