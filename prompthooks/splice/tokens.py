@@ -84,6 +84,9 @@ class SoftPromptHooks:
         self.stack_takes_positions = "position_ids" in forward_params
         self._insertion: Insertion | None = None
         self._embed_ids: torch.Tensor | None = None
+        # Set by ``stack_pre`` when it already knows the ids hold virtual tokens,
+        # so ``embed_pre`` need not check again (one host sync fewer per call).
+        self._ids_hold_virtual = False
         # Virtual tokens inserted into the sequence that each live cache holds,
         # so decode steps know how far to shift masks and positions.
         self._inserted: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
@@ -107,12 +110,12 @@ class SoftPromptHooks:
 
     # -- deciding what a call needs ------------------------------------------------
 
-    def _fresh_insertion(self, kw: Kwargs) -> tuple[str, torch.Tensor] | None:
+    def _fresh_insertion(self, kw: Kwargs, past: int) -> tuple[str, torch.Tensor] | None:
         """For a call that starts a sequence: (prompt name, insertion points), or
         ``None`` if nothing is inserted (a decode step, or a template input)."""
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
-        if x is None or _cache_length(kw.get("past_key_values")) > 0:
+        if x is None or past > 0:
             return None
         if ids is not None and bool((ids >= self.vocab_size).any()):
             return None  # the user placed virtual ids themselves (a template)
@@ -148,7 +151,7 @@ class SoftPromptHooks:
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if labels is None or x is None or labels.ndim != 2 or labels.shape != x.shape[:2]:
             return None  # no labels, or per-sequence labels: nothing to align
-        plan = self._fresh_insertion(kw)
+        plan = self._fresh_insertion(kw, _cache_length(kw.get("past_key_values")))
         if plan is None:
             return None
         name, at = plan
@@ -159,6 +162,7 @@ class SoftPromptHooks:
     def stack_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         kw = bind_kwargs(module, args, kwargs)
         self._insertion = None
+        self._ids_hold_virtual = False
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
         if x is None:
@@ -167,7 +171,8 @@ class SoftPromptHooks:
         past = _cache_length(cache)
         if past > 0:
             return self._continue(kw, cache, past, x.shape[1])
-        plan = self._fresh_insertion(kw)
+        plan = self._fresh_insertion(kw, past)
+        self._ids_hold_virtual = ids is not None  # inserted now, or placed by the user
         if plan is None:  # template: ids already in place
             self._check_length(x.shape[1])
             if cache is not None:
@@ -222,8 +227,9 @@ class SoftPromptHooks:
 
     def embed_pre(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
         ids = args[0]
+        known, self._ids_hold_virtual = self._ids_hold_virtual, False
         virtual = ids >= self.vocab_size
-        if not bool(virtual.any()):
+        if not known and not bool(virtual.any()):
             self._embed_ids = None
             return None
         self._embed_ids = ids
