@@ -16,13 +16,14 @@ from .locators import (
     register_locator,
     registered_locators,
 )
-from .methods import PromptTuning, SoftPrompt
+from .methods import PrefixTuning, PromptTuning, SoftPrompt
 
 __all__ = [
     "Attachment",
     "AttentionSite",
     "Located",
     "Locator",
+    "PrefixTuning",
     "PromptTuning",
     "SoftPrompt",
     "UnsupportedModelError",

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from .locators import Located, locate
 from .methods.base import PromptSpec, SoftPrompt
 from .splice.bank import PromptBank
+from .splice.prefix import PrefixHooks
 from .splice.tokens import SoftPromptHooks
 
 PromptLike = PromptSpec | SoftPrompt
@@ -72,12 +73,17 @@ class Attachment:
         self.model = model
         self.prompts = nn.ModuleDict(built)
         self.bank = PromptBank(built, self.located.vocab_size)
-        self._hooks = SoftPromptHooks(self.located, self.bank, strip_outputs=strip)
+        kinds = {p.kind for p in built.values()}
+        hooks: list[SoftPromptHooks | PrefixHooks] = []
+        if "tokens" in kinds:
+            hooks.append(SoftPromptHooks(self.located, self.bank, strip_outputs=strip))
+        if "prefix" in kinds:
+            hooks.append(PrefixHooks(self.located, self.bank))
         self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         model.add_module(ATTRIBUTE, self.prompts)
-        self._handles: list[RemovableHandle] = self._hooks.install()
+        self._handles: list[RemovableHandle] = [h for hook in hooks for h in hook.install()]
         _ATTACHED[model] = self
         self.attached = True
 
@@ -117,6 +123,29 @@ class Attachment:
             p.requires_grad_(self._flags.get(name, p.requires_grad))
         _ATTACHED.pop(self.model, None)
         self.attached = False
+
+    def export(self) -> None:
+        """Replace every prompt by the plain tables it produces (dropping a
+        prefix's MLP or a P-tuning encoder). Outputs stay identical; the
+        parameters change, so build the optimizer after exporting."""
+        for name, prompt in list(self.prompts.items()):
+            assert isinstance(prompt, SoftPrompt)
+            exported = prompt.export()
+            if exported is not prompt:
+                self.prompts[name] = exported
+                self.bank.prompts[name] = exported
+
+    def save_peft(self, directory: str | Path, *, task_type: str | None = None) -> None:
+        """Write the selected prompt as a PEFT adapter directory that
+        ``peft.PeftModel.from_pretrained(model, directory)`` loads.
+
+        ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...) defaults to the one
+        that matches the model's class.
+        """
+        from .io import save_peft
+
+        name = self.bank.active()
+        save_peft(self.bank.prompts[name], directory, self.located, task_type=task_type)
 
     def save(self, path: str | Path) -> None:
         """Write the prompts to one safetensors file (see ``ph.load``)."""

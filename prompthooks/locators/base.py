@@ -18,13 +18,30 @@ Role = Literal["self", "enc_self", "dec_self", "cross"]
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One attention module that a prefix can be placed in front of."""
+    """One attention module that a prefix can be placed in front of.
+
+    Attributes:
+        module: the attention module; a forward pre-hook on it adds the prefix.
+        role: ``self`` (decoder-only or encoder-only self-attention),
+            ``enc_self`` / ``dec_self`` (encoder / decoder self-attention of an
+            encoder-decoder model) or ``cross`` (decoder reading the encoder).
+        layer: the module's ``layer_idx`` in the cache it updates.
+        num_kv_heads, head_dim: shape of one token's keys (and values).
+        causal: each query sees only earlier keys. Used when transformers
+            passes no mask at all (sdpa's ``is_causal`` shortcut), which a
+            prefix makes wrong, so the hook must build one.
+        mask_arg, cache_arg: names of the forward keyword arguments that hold
+            the 4-D attention mask and the key/value cache.
+    """
 
     module: nn.Module
     role: Role
     layer: int
     num_kv_heads: int
     head_dim: int
+    causal: bool = True
+    mask_arg: str = "attention_mask"
+    cache_arg: str = "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,7 @@ class Located:
             lines.append(
                 f"    {s.role:<8} layer {s.layer:>2}  {name(s.module)}  "
                 f"kv_heads={s.num_kv_heads} head_dim={s.head_dim}"
+                + ("" if s.causal else "  (bidirectional)")
             )
         return "\n".join(lines)
 

@@ -28,6 +28,7 @@ class BertLocator(Locator):
                 layer=i,
                 num_kv_heads=int(layer.attention.self.num_attention_heads),
                 head_dim=int(layer.attention.self.attention_head_size),
+                causal=bool(layer.attention.self.is_causal),
             )
             for i, layer in enumerate(stack.encoder.layer)
         )

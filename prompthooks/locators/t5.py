@@ -18,18 +18,25 @@ from .base import AttentionSite, Located, Locator, Role
 from .registry import register_locator
 
 
+def _site(attn: Any, role: Role, layer: int) -> AttentionSite:
+    return AttentionSite(
+        attn,
+        role,
+        layer,
+        int(attn.n_heads),
+        int(attn.key_value_proj_dim),
+        causal=bool(attn.is_causal),
+        mask_arg="mask",  # T5Attention.forward(hidden_states, mask=..., ...)
+    )
+
+
 def _sites(stack: Any, self_role: Role) -> list[AttentionSite]:
     sites = []
     for i, block in enumerate(stack.block):
         attn = block.layer[0].SelfAttention
-        sites.append(
-            AttentionSite(attn, self_role, i, int(attn.n_heads), int(attn.key_value_proj_dim))
-        )
+        sites.append(_site(attn, self_role, i))
         if self_role == "dec_self":
-            cross = block.layer[1].EncDecAttention
-            sites.append(
-                AttentionSite(cross, "cross", i, int(cross.n_heads), int(cross.key_value_proj_dim))
-            )
+            sites.append(_site(block.layer[1].EncDecAttention, "cross", i))
     return sites
 
 

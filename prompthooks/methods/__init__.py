@@ -1,6 +1,7 @@
 """Trainable prompt modules. Nothing here knows about hooks."""
 
 from .base import PromptSpec, SoftPrompt
+from .prefix_tuning import Prefix, PrefixTuning
 from .prompt_tuning import PromptTable, PromptTuning
 
-__all__ = ["PromptSpec", "PromptTable", "PromptTuning", "SoftPrompt"]
+__all__ = ["Prefix", "PrefixTuning", "PromptSpec", "PromptTable", "PromptTuning", "SoftPrompt"]

@@ -1,14 +1,20 @@
-"""What every trained soft prompt is: a module that produces a table of
-virtual-token vectors, one row per virtual token.
+"""What every trained prompt is, and what a spec is.
+
+Two kinds of prompt enter a model in two places:
+  * ``kind = "tokens"`` (Prompt Tuning, P-tuning): ``table()`` is a
+    ``(P, hidden)`` block of virtual-token vectors spliced into the token
+    embedding output;
+  * ``kind = "prefix"`` (Prefix Tuning, P-tuning v2): learned keys and values
+    placed in front of every attention site (see ``methods/prefix_tuning.py``).
 
 Specs (``PromptTuning(...)``) describe a prompt before the model is known;
 ``spec.build(located)`` sizes it from the model. A built ``SoftPrompt`` can be
-attached directly (that is what ``load_peft`` returns).
+attached directly (that is what ``ph.load`` and ``ph.load_peft`` return).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,9 +23,10 @@ from ..locators.base import Located
 
 
 class SoftPrompt(nn.Module):
-    """A trained or trainable soft prompt: ``table()`` is ``(P, hidden)``."""
+    """A trained or trainable prompt. Token prompts implement ``table()``."""
 
-    method: str = "soft"
+    method: ClassVar[str] = "soft"
+    kind: ClassVar[Literal["tokens", "prefix"]] = "tokens"
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -32,6 +39,11 @@ class SoftPrompt(nn.Module):
     def table(self) -> torch.Tensor:
         """The ``(num_virtual_tokens, hidden_size)`` vectors fed to the model."""
         raise NotImplementedError
+
+    def export(self) -> SoftPrompt:
+        """The same prompt without any training-time reparameterisation:
+        only the tables the model reads. Outputs stay identical."""
+        return self
 
     def config(self) -> dict[str, Any]:
         """JSON-able description, saved next to the weights."""

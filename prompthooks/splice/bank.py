@@ -8,21 +8,28 @@ from ..methods.base import SoftPrompt
 
 
 class PromptBank:
-    """Each prompt owns ids ``[start, start + P)`` above the vocabulary."""
+    """Each token prompt owns ids ``[start, start + P)`` above the vocabulary;
+    prefixes own no ids (they enter through attention, not the input)."""
 
     def __init__(self, prompts: dict[str, SoftPrompt], vocab_size: int) -> None:
-        self.prompts = prompts
+        self.prompts = prompts  # the attachment replaces entries on export()
         self.vocab_size = vocab_size
         self.starts: dict[str, int] = {}
         offset = vocab_size
         for name, prompt in prompts.items():
-            self.starts[name] = offset
-            offset += prompt.num_virtual_tokens
+            if prompt.kind == "tokens":
+                self.starts[name] = offset
+                offset += prompt.num_virtual_tokens
         self.selected: str | None = next(iter(prompts)) if len(prompts) == 1 else None
 
     def virtual_ids(self, name: str) -> list[int]:
         if name not in self.prompts:
             raise KeyError(f"no prompt named {name!r} is attached; attached: {list(self.prompts)}")
+        if name not in self.starts:
+            raise ValueError(
+                f"prompt {name!r} is a prefix: it enters through the attention modules and has "
+                "no virtual ids to place in the input"
+            )
         start = self.starts[name]
         return list(range(start, start + self.prompts[name].num_virtual_tokens))
 
@@ -40,5 +47,5 @@ class PromptBank:
 
     def table(self) -> torch.Tensor:
         """All prompts' vectors, stacked in id order: row ``id - vocab_size``."""
-        tables = [p.table() for p in self.prompts.values()]
+        tables = [self.prompts[name].table() for name in self.starts]
         return tables[0] if len(tables) == 1 else torch.cat(tables)

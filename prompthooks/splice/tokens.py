@@ -56,10 +56,11 @@ def bind_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Kwa
     return out
 
 
-def _cache_length(cache: Any) -> int:
+def cache_length(cache: Any, layer: int | None = None) -> int:
+    """Tokens a cache holds (0 for no cache); of one layer if ``layer`` is given."""
     if cache is None or not hasattr(cache, "get_seq_length"):
         return 0
-    return int(cache.get_seq_length())
+    return int(cache.get_seq_length() if layer is None else cache.get_seq_length(layer))
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class SoftPromptHooks:
 
     # -- deciding what a call needs ------------------------------------------------
 
+    def _tokens_active(self) -> bool:
+        """The selected prompt enters through the embedding (not a prefix)."""
+        return self.bank.prompts[self.bank.active()].kind == "tokens"
+
     def _fresh_insertion(self, kw: Kwargs, past: int) -> tuple[str, torch.Tensor] | None:
         """For a call that starts a sequence: (prompt name, insertion points), or
         ``None`` if nothing is inserted (a decode step, or a template input)."""
@@ -144,14 +149,14 @@ class SoftPromptHooks:
         # Forget insertions from calls outside this one (``generate`` runs the
         # T5 encoder on its own), so ``strip_post`` only undoes this call's.
         self._insertion = None
-        if self.located.is_encoder_decoder:
-            return None  # labels belong to the decoder
+        if self.located.is_encoder_decoder or not self._tokens_active():
+            return None  # labels belong to the decoder, or no tokens are inserted
         kw = bind_kwargs(module, args, kwargs)
         labels = kw.get("labels")
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if labels is None or x is None or labels.ndim != 2 or labels.shape != x.shape[:2]:
             return None  # no labels, or per-sequence labels: nothing to align
-        plan = self._fresh_insertion(kw, _cache_length(kw.get("past_key_values")))
+        plan = self._fresh_insertion(kw, cache_length(kw.get("past_key_values")))
         if plan is None:
             return None
         name, at = plan
@@ -163,12 +168,14 @@ class SoftPromptHooks:
         kw = bind_kwargs(module, args, kwargs)
         self._insertion = None
         self._ids_hold_virtual = False
+        if not self._tokens_active():
+            return None
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
         if x is None:
             return None
         cache = kw.get("past_key_values")
-        past = _cache_length(cache)
+        past = cache_length(cache)
         if past > 0:
             return self._continue(kw, cache, past, x.shape[1])
         plan = self._fresh_insertion(kw, past)

@@ -1,0 +1,319 @@
+"""Hooks that put a prefix's keys and values in front of every attention site.
+
+A stack pre-hook decides, once per forward call of a stack, how the prefix
+reaches its attention sites:
+
+* **cache mode**: the call brings an empty cache (``generate``, or a user's own
+  decoding loop). The prefix is written into the cache before the stack runs,
+  so the model itself sees a past of length P: its masks, cache positions,
+  static caches and T5's relative positions all come out right, and the
+  attention hooks have nothing to do, neither now nor on any later decode
+  step. Decoding costs what it costs the base model with P more cached tokens.
+  The 2-D attention mask gets P leading ones (the prefix sits at the front of
+  the cache, before any padding).
+* **proxy mode**: no cache (training, ``use_cache=False``, the T5 encoder,
+  gradient checkpointing, which drops caches). Each attention pre-hook gives
+  its module a stand-in cache whose ``update`` returns ``[prefix ; keys]``, and
+  pads the 4-D mask the model built with P attend columns (or builds the mask
+  when transformers left it out for sdpa's ``is_causal`` shortcut, which would
+  align the causal triangle to the wrong corner). If the model creates a real
+  cache inside its forward, the hook writes the prefix into it instead, so the
+  returned cache can be continued in cache mode.
+* **continuation**: the cache already holds the prefix (decode steps): only
+  the 2-D mask and positions are adjusted.
+
+Positions: with ``shift_positions`` real tokens start at position P, as if the
+prefix were P earlier tokens (PEFT's convention); otherwise at 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..locators.base import AttentionSite, Located, Role
+from ..methods.prefix_tuning import Prefix
+from .bank import PromptBank
+from .layout import positions_from_mask
+from .tokens import Kwargs, bind_kwargs, cache_length
+
+#: Roles whose sites run inside the input stack; the others run in the decoder.
+INPUT_SIDE: frozenset[Role] = frozenset({"self", "enc_self"})
+DECODER_SIDE: frozenset[Role] = frozenset({"dec_self", "cross"})
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixedKV:
+    """Stands in for a missing cache: every update returns ``[prefix ; new]``.
+
+    It stores nothing, so a training step holds no extra state, and
+    ``get_seq_length`` reports the prefix as a past (T5 reads it to place its
+    relative positions).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.cat([self.keys, key_states], dim=-2),
+            torch.cat([self.values, value_states], dim=-2),
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys.shape[-2])
+
+
+def _layer_cache(cache: Any, role: Role) -> Any:
+    """The part of a (possibly encoder-decoder) cache that one site updates."""
+    if role == "cross":
+        return getattr(cache, "cross_attention_cache", None)
+    return getattr(cache, "self_attention_cache", cache)
+
+
+def pad_mask(
+    mask: torch.Tensor | None,
+    count: int,
+    query_length: int,
+    causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Give a 4-D attention mask ``count`` leading key columns that every query attends."""
+    if mask is None:
+        if not causal:
+            return None  # no mask means "attend everything", prefix included
+        # The triangle must be aligned to the bottom right: query i sees the
+        # prefix and real keys 0..i. Additive float works for eager and sdpa.
+        keys = torch.arange(count + query_length, device=device)
+        queries = torch.arange(query_length, device=device).unsqueeze(1) + count
+        allowed = keys.unsqueeze(0) <= queries
+        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked)[
+            None, None
+        ]
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(
+            f"prefix tuning needs a 4-D attention mask inside attention modules, got {shape}; "
+            "use attn_implementation='sdpa' or 'eager'"
+        )
+    attend = True if mask.dtype == torch.bool else 0.0
+    front = mask.new_full((*mask.shape[:-1], count), attend)
+    return torch.cat([front, mask], dim=-1)
+
+
+class PrefixHooks:
+    """The hook functions of one attachment's prefixes, sharing per-call state."""
+
+    def __init__(self, located: Located, bank: PromptBank) -> None:
+        self.located = located
+        self.bank = bank
+        self.sites = located.sites
+        self._prefix: Prefix | None = None  # the prefix of the current call, if any
+        self._kv: KeyValues = []
+        self._proxy: set[Role] = set()  # roles whose hooks splice in this call
+        self._cross_count = 0  # prefix length on cross-attention keys (decoder calls)
+        # Caches that hold a prefix at their front, and its length.
+        self.prefixed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._takes_positions: dict[nn.Module, bool] = {}
+
+    def install(self) -> list[RemovableHandle]:
+        loc = self.located
+        handles = [loc.input_stack.register_forward_pre_hook(self.input_pre, with_kwargs=True)]
+        for decoder in loc.encoder_mask_readers:
+            handles.append(decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True))
+        for index, site in enumerate(self.sites):
+            hook = self._attention_hook(index, site)
+            handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
+    def active(self) -> Prefix | None:
+        prompt = self.bank.prompts[self.bank.active()]
+        return prompt if isinstance(prompt, Prefix) else None
+
+    # -- stacks ----------------------------------------------------------------
+
+    def input_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        self._prefix = None
+        self._proxy = set()
+        self._cross_count = 0
+        return self._stack_pre(module, args, kwargs, INPUT_SIDE)
+
+    def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        self._proxy -= DECODER_SIDE
+        return self._stack_pre(module, args, kwargs, DECODER_SIDE)
+
+    def _stack_pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs, roles: frozenset[Role]
+    ) -> Any:
+        if not any(s.role in roles for s in self.sites):
+            return None
+        prefix = self.active()
+        self._prefix = prefix
+        if prefix is None:
+            return None
+        kw = bind_kwargs(module, args, kwargs)
+        x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        if x is None:
+            return None
+        count = prefix.num_virtual_tokens
+        if "cross" in roles:
+            self._cross_count = count
+        cache = kw.get("past_key_values")
+        past = cache_length(cache)
+        new = x.shape[1]
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(
+                f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
+                f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
+            )
+        if past > 0:  # a decode step: the cache must already hold this prefix
+            held = self.prefixed.get(cache)
+            if held != count:
+                raise ValueError(
+                    "this cache was not filled with the attached prefix "
+                    f"({count} virtual tokens); start decoding from a call without "
+                    "past_key_values while the prefix is attached"
+                )
+            if mask is not None and mask.shape[1] == past + new - count:
+                kw["attention_mask"] = mask = _prepend_ones(mask, count)
+            user_past = past - count
+        else:
+            self._kv = prefix.key_values()
+            user_past = 0
+            checkpointing = module.training and bool(getattr(module, "gradient_checkpointing", 0))
+            if cache is not None and not checkpointing:
+                self._fill(cache, roles, x.shape[0])
+                if mask is not None:
+                    kw["attention_mask"] = mask = _prepend_ones(mask, count)
+                if kw.get("cache_position") is not None:
+                    kw["cache_position"] = kw["cache_position"] + count
+            else:
+                self._proxy |= roles
+        self._check_length(module, user_past + new + (count if prefix.shift_positions else 0))
+        if self._stack_takes_positions(module):
+            kw["position_ids"] = self._positions(kw, mask, past, user_past, new, count)
+        return (), kw
+
+    def _positions(
+        self,
+        kw: Kwargs,
+        mask: torch.Tensor | None,
+        past: int,
+        user_past: int,
+        new: int,
+        count: int,
+    ) -> torch.Tensor:
+        """Explicit positions of the new real tokens (see the module docstring)."""
+        assert self._prefix is not None
+        offset = count if self._prefix.shift_positions else 0
+        given: torch.Tensor | None = kw.get("position_ids")
+        if given is not None:
+            return given + offset if offset else given
+        if mask is not None:
+            if mask.shape[1] == user_past + new:  # the user's own mask (proxy mode)
+                return positions_from_mask(mask)[:, -new:] + offset
+            # the mask now starts with the prefix's ones, which count as positions
+            return positions_from_mask(mask)[:, -new:] - (count - offset)
+        device = self.located.embedding.weight.device
+        return (torch.arange(new, device=device) + user_past + offset).unsqueeze(0)
+
+    def _stack_takes_positions(self, module: nn.Module) -> bool:
+        if module not in self._takes_positions:
+            params = inspect.signature(module.forward).parameters
+            self._takes_positions[module] = "position_ids" in params
+        return self._takes_positions[module]
+
+    def _check_length(self, module: nn.Module, length: int) -> None:
+        limit = self.located.max_positions
+        if module is self.located.input_stack and limit is not None and length > limit:
+            raise ValueError(
+                f"input too long: with the prefix's position shift the sequence reaches "
+                f"position {length}, but {type(self.located.model).__name__} embeds at most "
+                f"{limit}. Shorten the input, use fewer virtual tokens, or "
+                "PrefixTuning(shift_positions=False)."
+            )
+
+    def _fill(self, cache: Any, roles: frozenset[Role], batch: int) -> None:
+        """Write the prefix of every site of ``roles`` into an empty cache."""
+        dtype = self.located.embedding.weight.dtype
+        for index, site in enumerate(self.sites):
+            if site.role in roles:
+                keys, values = self._kv[index]
+                self._write(cache, site, keys, values, batch, dtype)
+
+    # -- attention ---------------------------------------------------------------
+
+    def _attention_hook(
+        self, index: int, site: AttentionSite
+    ) -> Callable[[nn.Module, tuple[Any, ...], Kwargs], Any]:
+        def attention_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+            if self._prefix is None:
+                return None
+            proxy = site.role in self._proxy
+            if not proxy and not (site.role == "cross" and self._cross_count):
+                return None
+            if len(args) > 1:
+                kw, args = bind_kwargs(module, args, kwargs), ()
+                hidden = kw["hidden_states"]
+            else:
+                kw = dict(kwargs)
+                hidden = args[0] if args else kw["hidden_states"]
+            count = self._prefix.num_virtual_tokens
+            if proxy:
+                keys, values = self._kv[index]
+                cache = kw.get(site.cache_arg)
+                batch = hidden.shape[0]
+                if cache is None:
+                    k = keys.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+                    v = values.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+                    kw[site.cache_arg] = PrefixedKV(k, v)
+                else:  # a cache the model made inside its forward: keep the prefix in it
+                    self._write(cache, site, keys, values, batch, hidden.dtype)
+            kw[site.mask_arg] = pad_mask(
+                kw.get(site.mask_arg),
+                count,
+                hidden.shape[1],
+                site.causal and site.role != "cross",
+                hidden.dtype,
+                hidden.device,
+            )
+            return args, kw
+
+        return attention_pre
+
+    def _write(
+        self,
+        cache: Any,
+        site: AttentionSite,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        batch: int,
+        dtype: torch.dtype,
+    ) -> None:
+        target = _layer_cache(cache, site.role)
+        if target is None:
+            raise TypeError(f"{type(cache).__name__} has no cross-attention cache")
+        if cache_length(target, site.layer) != 0:
+            raise RuntimeError(
+                f"prefix: layer {site.layer}'s cache is not empty at the start of a sequence"
+            )
+        k = keys.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+        v = values.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+        target.update(k, v, site.layer)
+        self.prefixed[cache] = keys.shape[1]
+
+
+def _prepend_ones(mask: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
