@@ -173,7 +173,7 @@ class PrefixHooks:
         past = cache_length(cache)
         new = x.shape[1]
         mask = kw.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
+        if mask is not None and mask.ndim not in (2, 4):
             raise ValueError(
                 f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
                 f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
@@ -186,8 +186,8 @@ class PrefixHooks:
                     f"({count} virtual tokens); start decoding from a call without "
                     "past_key_values while the prefix is attached"
                 )
-            if mask is not None and mask.shape[1] == past + new - count:
-                kw["attention_mask"] = mask = _prepend_ones(mask, count)
+            if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - count):
+                kw["attention_mask"] = mask = _prepend_attend(mask, count, _capacity(cache))
             user_past = past - count
         else:
             self._kv = prefix.key_values()
@@ -196,7 +196,7 @@ class PrefixHooks:
             if cache is not None and not checkpointing:
                 self._fill(cache, roles, x.shape[0])
                 if mask is not None:
-                    kw["attention_mask"] = mask = _prepend_ones(mask, count)
+                    kw["attention_mask"] = mask = _prepend_attend(mask, count)
                 if kw.get("cache_position") is not None:
                     kw["cache_position"] = kw["cache_position"] + count
             else:
@@ -221,7 +221,7 @@ class PrefixHooks:
         given: torch.Tensor | None = kw.get("position_ids")
         if given is not None:
             return given + offset if offset else given
-        if mask is not None:
+        if mask is not None and mask.ndim == 2:
             if mask.shape[1] == user_past + new:  # the user's own mask (proxy mode)
                 return positions_from_mask(mask)[:, -new:] + offset
             # the mask now starts with the prefix's ones, which count as positions
@@ -309,11 +309,51 @@ class PrefixHooks:
             raise RuntimeError(
                 f"prefix: layer {site.layer}'s cache is not empty at the start of a sequence"
             )
+        _make_room(target, site.layer, keys.shape[1])
         k = keys.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
         v = values.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
         target.update(k, v, site.layer)
         self.prefixed[cache] = keys.shape[1]
 
 
-def _prepend_ones(mask: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+def _prepend_attend(mask: torch.Tensor, count: int, capacity: int | None = None) -> torch.Tensor:
+    """``count`` leading key columns that every query attends: a 2-D padding
+    mask gets ones, a ready-made 4-D mask gets True or 0.0 columns.
+
+    ``generate`` with a static cache builds 4-D masks as wide as the cache, in
+    the user's view (key j is the user's token j). Once the cache has grown by
+    the prefix, such a mask is already full width: shifting it right by
+    ``count`` drops its last columns, which only ever hold the user's padding
+    beyond the current token.
+    """
+    if mask.ndim == 2:
+        return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    attend = True if mask.dtype == torch.bool else 0.0
+    out = torch.cat([mask.new_full((*mask.shape[:-1], count), attend), mask], dim=-1)
+    if capacity is not None and out.shape[-1] > capacity:
+        out = out[..., :capacity]
+    return out
+
+
+def _capacity(cache: Any) -> int | None:
+    """How many keys a fixed-size (static) cache holds per layer; None if it grows."""
+    layers = getattr(_layer_cache(cache, "self"), "layers", None)
+    if not layers or not hasattr(layers[0], "max_cache_len"):
+        return None
+    return int(layers[0].max_cache_len)
+
+
+def _make_room(cache: Any, layer: int, count: int) -> None:
+    """A fixed-size (static) cache layer gets ``count`` more slots for the prefix,
+    which ``generate`` did not plan for. Possible only before the layer allocates."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers) or not hasattr(layers[layer], "max_cache_len"):
+        return
+    target = layers[layer]
+    if getattr(target, "is_initialized", False):
+        raise ValueError(
+            f"{type(cache).__name__} layer {layer} is already allocated "
+            f"({target.max_cache_len} slots), so it has no room for the prefix's {count} "
+            "tokens; let generate() create the cache, or allocate it after attaching"
+        )
+    target.max_cache_len += count
