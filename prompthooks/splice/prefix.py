@@ -123,6 +123,7 @@ class PrefixHooks:
         self._kv: KeyValues = []
         self._proxy: set[Role] = set()  # roles whose hooks splice in this call
         self._cross_count = 0  # prefix length on cross-attention keys (decoder calls)
+        self._reentrant: set[int] = set()  # sites inside reentrant checkpoints this call
         # Caches that hold a prefix at their front, and its length.
         self.prefixed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._takes_positions: dict[nn.Module, bool] = {}
@@ -147,6 +148,7 @@ class PrefixHooks:
         self._prefix = None
         self._proxy = set()
         self._cross_count = 0
+        self._reentrant = set()
         return self._stack_pre(module, args, kwargs, INPUT_SIDE)
 
     def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
@@ -273,6 +275,13 @@ class PrefixHooks:
             count = self._prefix.num_virtual_tokens
             if proxy:
                 keys, values = self._kv[index]
+                if keys.requires_grad and not torch.is_grad_enabled():
+                    self._reentrant.add(index)  # a reentrant checkpoint's no-grad forward
+                elif index in self._reentrant:
+                    # Its recomputation inside backward backpropagates each layer on
+                    # its own: give the layer its own graph to the prefix parameters
+                    # instead of sharing (and freeing) the one built for the call.
+                    keys, values = self._prefix.key_values()[index]
                 cache = kw.get(site.cache_arg)
                 batch = hidden.shape[0]
                 if cache is None:
