@@ -1,4 +1,5 @@
-"""Padding never changes a row, and generate works with a prompt attached."""
+"""Padding never changes a row, and generate works with a prompt attached:
+soft prompts (Prompt Tuning) and prefixes (Prefix Tuning) alike."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, 
 
 import prompthooks as ph
 
+METHODS = ("prompt", "prefix")
 
+
+def spec(method: str, n: int) -> ph.PromptTuning | ph.PrefixTuning:
+    torch.manual_seed(n)
+    return ph.PromptTuning(n) if method == "prompt" else ph.PrefixTuning(n, projection=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_padded_row_equals_row_alone_forward(arch: str) -> None:
+def test_padded_row_equals_row_alone_forward(arch: str, method: str) -> None:
     model = tiny(arch)
     ids, mask = batch(arch, [7, 3, 5], seed=5)
-    with ph.attach(model, ph.PromptTuning(4)), torch.no_grad():
+    with ph.attach(model, spec(method, 4)), torch.no_grad():
         padded = model(**model_inputs(arch, ids, mask)).logits
         for row in range(3):
             alone_ids = unpad(arch, ids, mask, row)
@@ -36,11 +45,12 @@ def _new_tokens(arch: str, out: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return out[:, prompt_len:] if arch in DECODER_ONLY else out
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", GEN_ARCHS)
-def test_greedy_generate_padded_row_equals_row_alone(arch: str) -> None:
+def test_greedy_generate_padded_row_equals_row_alone(arch: str, method: str) -> None:
     model = tiny(arch)
     ids, mask = batch(arch, [6, 3, 5], seed=7)
-    with ph.attach(model, ph.PromptTuning(4)):
+    with ph.attach(model, spec(method, 4)):
         together = _new_tokens(arch, _generate(model, ids, mask, do_sample=False), ids.shape[1])
         for row in range(3):
             alone_ids = unpad(arch, ids, mask, row)
@@ -48,11 +58,12 @@ def test_greedy_generate_padded_row_equals_row_alone(arch: str) -> None:
             assert torch.equal(together[row], _new_tokens(arch, alone, alone_ids.shape[1])[0])
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", GEN_ARCHS)
-def test_generate_with_cache_equals_without(arch: str) -> None:
+def test_generate_with_cache_equals_without(arch: str, method: str) -> None:
     model = tiny(arch)
     ids, mask = batch(arch, [6, 3], seed=8)
-    with ph.attach(model, ph.PromptTuning(5)):
+    with ph.attach(model, spec(method, 5)):
         cached = _generate(model, ids, mask, do_sample=False, use_cache=True)
         uncached = _generate(model, ids, mask, do_sample=False, use_cache=False)
         beams = _generate(model, ids, mask, num_beams=3, use_cache=True)
@@ -61,8 +72,9 @@ def test_generate_with_cache_equals_without(arch: str) -> None:
     assert torch.equal(beams, beams_uncached)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", GEN_ARCHS)
-def test_prompt_changes_generation_and_detach_restores_it(arch: str) -> None:
+def test_prompt_changes_generation_and_detach_restores_it(arch: str, method: str) -> None:
     """The prompt takes part in every decode step (a no-op hook would fail this)."""
     model = tiny(arch)
     ids, mask = batch(arch, [6, 4], seed=9)
@@ -74,18 +86,19 @@ def test_prompt_changes_generation_and_detach_restores_it(arch: str) -> None:
         return torch.stack(out.scores)
 
     base = scores()
-    with ph.attach(model, ph.PromptTuning(6)):
+    with ph.attach(model, spec(method, 6)):
         prompted = scores()
     assert base.shape == prompted.shape
     assert (base - prompted).abs().amax(dim=(1, 2)).min() > 1e-4  # every step differs
     assert torch.equal(base, scores())
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", GEN_ARCHS)
-def test_sampling_and_beam_search_run_with_expanded_rows(arch: str) -> None:
+def test_sampling_and_beam_search_run_with_expanded_rows(arch: str, method: str) -> None:
     model = tiny(arch)
     ids, mask = batch(arch, [6, 3], seed=10)
-    with ph.attach(model, ph.PromptTuning(3)):
+    with ph.attach(model, spec(method, 3)):
         torch.manual_seed(0)
         sampled = _generate(model, ids, mask, do_sample=True, top_k=10, num_return_sequences=2)
         beams = _generate(model, ids, mask, num_beams=4, num_return_sequences=2)
@@ -94,3 +107,51 @@ def test_sampling_and_beam_search_run_with_expanded_rows(arch: str) -> None:
     assert beams.shape == (4, expected_len)
     if arch in DECODER_ONLY:  # the user's tokens come back unchanged
         assert torch.equal(beams[::2, : ids.shape[1]], ids)
+
+
+@pytest.mark.parametrize("arch", GEN_ARCHS)
+def test_prefix_static_cache_equals_dynamic_cache(arch: str) -> None:
+    """generate sizes a static cache for the user's tokens; the prefix needs P
+    more slots (PEFT fails here)."""
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 3, 5], seed=11)
+    with ph.attach(model, spec("prefix", 4)):
+        dynamic = _generate(model, ids, mask, do_sample=False)
+        static = _generate(model, ids, mask, do_sample=False, cache_implementation="static")
+        beams = _generate(model, ids, mask, num_beams=3, cache_implementation="static")
+        beams_dynamic = _generate(model, ids, mask, num_beams=3)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(beams, beams_dynamic)
+
+
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_prefix_manual_decoding_continues_the_returned_cache(arch: str) -> None:
+    """A user's own loop: a forward with ``use_cache=True``, then one token at a
+    time with the returned cache, equals one forward over the whole sequence."""
+    model = tiny(arch)
+    ids, mask = batch(arch, [8, 5], seed=12)
+    with ph.attach(model, spec("prefix", 3)), torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(5, 8):
+            out = model(
+                input_ids=ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            steps.append(out.logits)
+            cache = out.past_key_values
+    stepped = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], atol=1e-5, rtol=0)
+
+
+def test_prefix_use_cache_false_returns_no_cache() -> None:
+    model = tiny("llama")
+    ids, mask = batch("llama", [5, 5], seed=13)
+    with ph.attach(model, spec("prefix", 3)), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert out.past_key_values is None

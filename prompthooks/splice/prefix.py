@@ -189,7 +189,9 @@ class PrefixHooks:
                     "past_key_values while the prefix is attached"
                 )
             if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - count):
-                kw["attention_mask"] = mask = _prepend_attend(mask, count, _capacity(cache))
+                kw["attention_mask"] = mask = _prepend_attend(
+                    mask, count, _capacity(cache), past if self._causal(roles) else None
+                )
             user_past = past - count
         else:
             self._kv = prefix.key_values()
@@ -198,7 +200,9 @@ class PrefixHooks:
             if cache is not None and not checkpointing:
                 self._fill(cache, roles, x.shape[0])
                 if mask is not None:
-                    kw["attention_mask"] = mask = _prepend_attend(mask, count)
+                    kw["attention_mask"] = mask = _prepend_attend(
+                        mask, count, _capacity(cache), count if self._causal(roles) else None
+                    )
                 if kw.get("cache_position") is not None:
                     kw["cache_position"] = kw["cache_position"] + count
             else:
@@ -230,6 +234,9 @@ class PrefixHooks:
             return positions_from_mask(mask)[:, -new:] - (count - offset)
         device = self.located.embedding.weight.device
         return (torch.arange(new, device=device) + user_past + offset).unsqueeze(0)
+
+    def _causal(self, roles: frozenset[Role]) -> bool:
+        return any(s.causal for s in self.sites if s.role in roles and s.role != "cross")
 
     def _stack_takes_positions(self, module: nn.Module) -> bool:
         if module not in self._takes_positions:
@@ -325,15 +332,19 @@ class PrefixHooks:
         self.prefixed[cache] = keys.shape[1]
 
 
-def _prepend_attend(mask: torch.Tensor, count: int, capacity: int | None = None) -> torch.Tensor:
+def _prepend_attend(
+    mask: torch.Tensor, count: int, capacity: int | None = None, past: int | None = None
+) -> torch.Tensor:
     """``count`` leading key columns that every query attends: a 2-D padding
     mask gets ones, a ready-made 4-D mask gets True or 0.0 columns.
 
-    ``generate`` with a static cache builds 4-D masks as wide as the cache, in
-    the user's view (key j is the user's token j). Once the cache has grown by
-    the prefix, such a mask is already full width: shifting it right by
-    ``count`` drops its last columns, which only ever hold the user's padding
-    beyond the current token.
+    ``generate`` with a static cache builds 4-D masks as wide as the cache, with
+    the user's padding in the user's view (key j is the user's token j).
+    Shifted right by ``count``, the padding lands on the right keys; the
+    columns pushed past the cache's capacity are dropped. The mask's causal
+    part may have been built in either view, so for a causal stack (``past`` =
+    cached keys, prefix included) it is imposed again in the cache's view:
+    query i sees keys ``0..past+i``, never an unwritten slot.
     """
     if mask.ndim == 2:
         return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
@@ -341,6 +352,12 @@ def _prepend_attend(mask: torch.Tensor, count: int, capacity: int | None = None)
     out = torch.cat([mask.new_full((*mask.shape[:-1], count), attend), mask], dim=-1)
     if capacity is not None and out.shape[-1] > capacity:
         out = out[..., :capacity]
+    if past is not None:
+        keys = torch.arange(out.shape[-1], device=out.device)
+        queries = torch.arange(out.shape[-2], device=out.device).unsqueeze(1) + past
+        allowed = keys.unsqueeze(0) <= queries
+        blocked = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
+        out = out.masked_fill(~allowed, blocked)
     return out
 
 

@@ -1,0 +1,176 @@
+"""Independent references for prefix keys/values, sharing no code with the library.
+
+* decoder-only and BERT: the model fed a ``DynamicCache`` filled by hand with
+  the prefix (transformers' own past-key-values path) and explicit positions;
+* T5 decoder self- and cross-attention: an ``EncoderDecoderCache`` filled by
+  hand, the cross-attention keys computed from the encoder output by hand;
+* T5 encoder: a hand-written encoder forward (attention written out with
+  ``einsum``, the model's own norms, projections and feed-forward weights).
+
+The prefix table layout is the documented one (DESIGN.md section 6):
+``table.view(P, sites, 2, H_kv, D)``, sites in ``ph.locate(model).sites`` order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
+
+
+def site_kv(
+    table: torch.Tensor, sites: int, heads: int, dim: int
+) -> list[tuple[torch.Tensor, ...]]:
+    """Per site, keys and values ``(1, H, P, D)``."""
+    p = table.shape[0]
+    view = table.view(p, sites, 2, heads, dim)
+    return [
+        (view[:, s, 0].permute(1, 0, 2)[None], view[:, s, 1].permute(1, 0, 2)[None])
+        for s in range(sites)
+    ]
+
+
+def filled_cache(kv: list[tuple[torch.Tensor, ...]], batch: int) -> DynamicCache:
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer)
+    return cache
+
+
+def positions(mask: torch.Tensor, offset: int) -> torch.Tensor:
+    """Real tokens numbered 0, 1, ... in each row (written as a loop), plus ``offset``."""
+    rows = []
+    for row in mask.tolist():
+        count, out = 0, []
+        for m in row:
+            out.append(count if m else 0)
+            count += int(m)
+        rows.append([x + offset for x in out])
+    return torch.tensor(rows)
+
+
+def decoder_only_logits(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    table: torch.Tensor,
+    heads: int,
+    dim: int,
+    shift: bool,
+    output: str = "logits",
+) -> torch.Tensor:
+    """The model with the prefix given as its past, positions from the mask."""
+    p, batch = table.shape[0], ids.shape[0]
+    layers = table.shape[1] // (2 * heads * dim)
+    cache = filled_cache(site_kv(table, layers, heads, dim), batch)
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones(batch, p, dtype=mask.dtype), mask], dim=1),
+        position_ids=positions(mask, p if shift else 0),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    result: torch.Tensor = getattr(out, output)
+    return result
+
+
+# -- T5 ---------------------------------------------------------------------------
+
+
+def _t5_attention(
+    attn: Any,
+    x: torch.Tensor,
+    memory: torch.Tensor,
+    prefix: tuple[torch.Tensor, ...],
+    bias: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """T5 attention written out: no scaling, additive bias and mask, prefix keys first."""
+    b, q, _ = x.shape
+    h, d = attn.n_heads, attn.key_value_proj_dim
+    query = attn.q(x).view(b, q, h, d).transpose(1, 2)
+    key = attn.k(memory).view(b, -1, h, d).transpose(1, 2)
+    value = attn.v(memory).view(b, -1, h, d).transpose(1, 2)
+    key = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2)
+    scores = torch.einsum("bhqd,bhkd->bhqk", query, key) + bias + mask
+    out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), value)
+    result: torch.Tensor = attn.o(out.transpose(1, 2).reshape(b, q, h * d))
+    return result
+
+
+def t5_encoder(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, kv: list[tuple[torch.Tensor, ...]]
+) -> torch.Tensor:
+    """The T5 encoder with prefix ``kv[i]`` in layer i's self-attention.
+
+    Relative positions treat the prefix as P earlier tokens: query i sits at
+    ``P + i``, key j at ``j`` (prefix keys ``0..P-1``).
+    """
+    encoder = model.encoder
+    x = encoder.embed_tokens(ids)
+    p = kv[0][0].shape[2]
+    length = ids.shape[1]
+    first = encoder.block[0].layer[0].SelfAttention
+    rel = torch.arange(p + length)[None, :] - (torch.arange(length)[:, None] + p)
+    bucket = first._relative_position_bucket(
+        rel,
+        bidirectional=True,
+        num_buckets=first.relative_attention_num_buckets,
+        max_distance=first.relative_attention_max_distance,
+    )
+    bias = first.relative_attention_bias(bucket).permute(2, 0, 1)[None]
+    keep = torch.cat([torch.ones(ids.shape[0], p), mask.float()], dim=1)
+    additive = ((1 - keep) * torch.finfo(torch.float32).min)[:, None, None, :]
+    for i, block in enumerate(encoder.block):
+        attn_layer, ff_layer = block.layer[0], block.layer[1]
+        normed = attn_layer.layer_norm(x)
+        x = x + _t5_attention(attn_layer.SelfAttention, normed, normed, kv[i], bias, additive)
+        x = x + ff_layer.DenseReluDense(ff_layer.layer_norm(x))
+    out: torch.Tensor = encoder.final_layer_norm(x)
+    return out
+
+
+def t5_logits(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    decoder_ids: torch.Tensor,
+    table: torch.Tensor,
+) -> torch.Tensor:
+    """Full T5 oracle: hand-written encoder, then the decoder given a hand-filled
+    ``EncoderDecoderCache`` (self: prefix; cross: prefix + encoder keys)."""
+    layers = model.config.num_layers
+    h, d = model.config.num_heads, model.config.d_kv
+    kv = site_kv(table, 3 * layers, h, d)  # enc 0..L-1, then (dec_self, cross) per layer
+    enc_kv, dec_kv = kv[:layers], kv[layers:]
+    encoded = t5_encoder(model, ids, mask, enc_kv)
+    b, p = ids.shape[0], table.shape[0]
+    self_cache, cross_cache = DynamicCache(), DynamicCache()
+    cache = EncoderDecoderCache(self_cache, cross_cache)
+    for i, block in enumerate(model.decoder.block):
+        self_k, self_v = dec_kv[2 * i]
+        cross_k, cross_v = dec_kv[2 * i + 1]
+        self_cache.update(self_k.expand(b, -1, -1, -1), self_v.expand(b, -1, -1, -1), i)
+        cross = block.layer[1].EncDecAttention
+        k = cross.k(encoded).view(b, -1, h, d).transpose(1, 2)
+        v = cross.v(encoded).view(b, -1, h, d).transpose(1, 2)
+        cross_cache.update(
+            torch.cat([cross_k.expand(b, -1, -1, -1), k], 2),
+            torch.cat([cross_v.expand(b, -1, -1, -1), v], 2),
+            i,
+        )
+        cache.is_updated[i] = True  # the decoder reuses these cross keys as they are
+    # The encoder output only sizes the cross mask here: its keys come from the cache.
+    padded_encoded = torch.cat([torch.zeros(b, p, encoded.shape[-1]), encoded], dim=1)
+    out = model(
+        encoder_outputs=(padded_encoded,),
+        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
+        decoder_input_ids=decoder_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits: torch.Tensor = out.logits
+    return logits
