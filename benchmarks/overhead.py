@@ -2,8 +2,10 @@
 
 What is measured: the wall time of one training step (zero the prompt's grad,
 forward with labels, ``loss.backward()``; no optimizer step, for any contestant)
-of prompt tuning with P virtual tokens, on random-weight GPT-2 and LLaMA-shaped
-models, fp32 on CPU, for three contestants:
+with P virtual tokens, on random-weight GPT-2 and LLaMA-shaped models, fp32 on
+CPU, for three contestants per method.
+
+Prompt tuning (``prompt``):
 
 * ``floor``: the base model fed ``L + P`` positions by hand
   (``inputs_embeds = cat(prompt, embed(ids))``, a mask of ones, ``-100`` labels
@@ -13,13 +15,31 @@ models, fp32 on CPU, for three contestants:
 * ``peft``: ``get_peft_model(copy, PromptTuningConfig(...))`` on a deep copy of
   the same weights, called with the same batch.
 
+Prefix tuning (``prefix``; ``prefix-proj`` with the MLP reparameterisation):
+
+* ``floor``: the base model fed by hand what a prefix amounts to: a
+  ``DynamicCache`` holding every layer's prefix keys and values, built each
+  step from a ``requires_grad`` table (so ``backward`` reaches it), a mask
+  with P leading ones and positions ``P..P+L-1``. This is the unavoidable cost
+  of attending to P extra keys in every layer.
+* ``prompthooks``: ``ph.attach(model, ph.PrefixTuning(P, projection=...))``
+  and the user's unchanged call; its attention pre-hooks splice the prefix
+  into each layer's keys and values ("proxy mode": no cache in training).
+* ``peft``: ``get_peft_model(copy, PrefixTuningConfig(...))``, which passes the
+  prefix as ``past_key_values``.
+
 Time above the floor is what the library costs. Steps are interleaved (one
 step of each contestant per round, in rotating order) so that drift in machine
-speed hits all contestants alike; medians and IQRs are reported. The floor and
+speed hits all contestants alike; medians and IQRs are reported, and the
+paired ratio (median over rounds of step / floor step of the same round),
+which is the more robust of the two on a machine whose speed drifts. All
+contestants of a method start from the same prompt values (copied between
+them), so their losses must agree: that is the sanity check. The floor and
 prompthooks share one model object, so prompthooks is attached right before
 each of its timed steps and detached right after, outside the timer.
 
     python benchmarks/overhead.py [--repeats N] [--quick] [--json PATH]
+                                  [--models gpt2 llama] [--methods prompt prefix prefix-proj]
 """
 
 from __future__ import annotations

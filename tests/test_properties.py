@@ -1,4 +1,5 @@
-"""Hypothesis properties: the frozen model is never changed by prompthooks."""
+"""Hypothesis properties: the frozen model is never changed by prompthooks,
+whatever the method (Prompt Tuning, Prefix Tuning with its MLP, P-tuning v2)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import ARCHS, batch, model_inputs, same_snapshot, snapshot, tiny
+from models import decoder_ids as kw_decoder
 
 import prompthooks as ph
 
@@ -17,8 +19,21 @@ shapes = st.fixed_dictionaries(
         "extra_pad": st.integers(0, 3),
         "prompt": st.integers(1, 8),
         "seed": st.integers(0, 3),
+        "method": st.sampled_from(["prompt", "prefix", "ptv2"]),
+        "shift": st.booleans(),
     }
 )
+
+
+def _spec(case: dict) -> ph.PromptTuning | ph.PrefixTuning:
+    if case["method"] == "prompt":
+        return ph.PromptTuning(case["prompt"])
+    return ph.PrefixTuning(
+        case["prompt"],
+        projection=case["method"] == "prefix",
+        hidden_size=16,
+        shift_positions=case["shift"],
+    )
 
 
 def _inputs(case: dict) -> tuple[torch.nn.Module, dict]:
@@ -35,10 +50,11 @@ def test_detach_restores_logits_and_state_bit_for_bit(case: dict) -> None:
     before = snapshot(model)
     with torch.no_grad():
         logits_before = model(**kw).logits
-    with ph.attach(model, ph.PromptTuning(case["prompt"])):
+    with ph.attach(model, _spec(case)):
         with torch.no_grad():
             prompted = model(**kw).logits
         assert prompted.shape == logits_before.shape
+        assert not torch.equal(prompted, logits_before)
     with torch.no_grad():
         logits_after = model(**kw).logits
     assert torch.equal(logits_before, logits_after)
@@ -53,16 +69,18 @@ def test_optimizer_over_model_parameters_trains_only_the_prompt(case: dict, step
     model.train()
     before = snapshot(model)
     labels = kw["decoder_input_ids"] if case["arch"] == "t5" else kw["input_ids"]
-    with ph.attach(model, ph.PromptTuning(case["prompt"])) as att:
-        prompt_before = att.prompts["default"].weight.detach().clone()
+    with ph.attach(model, _spec(case)) as att:
+        prompt_before = [p.detach().clone() for p in att.parameters()]
         # The user's own training code: an optimizer over *all* model parameters.
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
-        assert any(p is att.prompts["default"].weight for p in model.parameters())
+        in_model = {id(p) for p in model.parameters()}
+        assert all(id(p) in in_model for p in att.parameters())
         for _ in range(steps):
             optimizer.zero_grad()
             model(**kw, labels=labels).loss.backward()
             optimizer.step()
-        assert not torch.equal(prompt_before, att.prompts["default"].weight)
+        after = list(att.parameters())
+        assert all(not torch.equal(a, b) for a, b in zip(prompt_before, after, strict=True))
     assert same_snapshot(before, snapshot(model))
 
 
@@ -88,3 +106,59 @@ def test_detach_is_idempotent_and_restores_trainable_flags() -> None:
     att.detach()
     att.detach()
     assert same_snapshot(before, snapshot(model))
+
+
+prefix_cases = st.fixed_dictionaries(
+    {
+        "arch": st.sampled_from(ARCHS),
+        "lengths": st.lists(st.integers(2, 10), min_size=2, max_size=4),
+        "extra_pad": st.integers(0, 3),
+        "prompt": st.integers(1, 6),
+        "seed": st.integers(0, 3),
+        "method": st.sampled_from(["prefix", "ptv2"]),
+        "shift": st.booleans(),
+        "dtype": st.sampled_from([torch.float32, torch.bfloat16]),
+    }
+)
+
+
+@settings(max_examples=20)
+@given(case=prefix_cases)
+def test_prefix_export_preserves_outputs_and_detach_restores(case: dict) -> None:
+    model, kw = _inputs(case)
+    model.to(case["dtype"])
+    before = snapshot(model)
+    with torch.no_grad():
+        logits_before = model(**kw).logits
+    torch.manual_seed(case["seed"])
+    with ph.attach(model, _spec(case)) as att:
+        with torch.no_grad():
+            trained_form = model(**kw).logits
+        att.export()
+        with torch.no_grad():
+            exported = model(**kw).logits
+    assert torch.equal(exported, trained_form)
+    assert same_snapshot(before, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, logits_before)
+
+
+@settings(max_examples=20)
+@given(case=prefix_cases)
+def test_prefix_padded_rows_equal_rows_alone(case: dict) -> None:
+    case = {**case, "dtype": torch.float32}
+    model = tiny(case["arch"], seed=case["seed"])
+    width = max(case["lengths"]) + case["extra_pad"]
+    ids, mask = batch(case["arch"], case["lengths"], seed=case["seed"], pad_to=width)
+    torch.manual_seed(case["seed"])
+    with ph.attach(model, _spec(case)), torch.no_grad():
+        padded = model(**model_inputs(case["arch"], ids, mask)).logits
+        for row in range(ids.shape[0]):
+            alone_kw = model_inputs(case["arch"], ids[row : row + 1, mask[row].bool()], None)
+            if case["arch"] == "t5":
+                alone_kw["decoder_input_ids"] = kw_decoder(ids.shape[0])[row : row + 1]
+            alone = model(**alone_kw).logits
+            got = padded[row : row + 1]
+            if case["arch"] != "t5":
+                got = got[:, mask[row].bool()]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
