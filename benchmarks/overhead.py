@@ -60,7 +60,7 @@ from typing import Any
 import peft
 import torch
 import transformers as tf
-from peft import PromptTuningConfig, get_peft_model
+from peft import PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
 import prompthooks as ph
@@ -68,14 +68,17 @@ import prompthooks as ph
 BATCH = 8
 LENGTH = 128
 P = 20
+PROJECTION_HIDDEN = 512  # MLP width of prefix-proj, for both libraries
 WARMUP = 3
 CONTESTANTS = ("floor", "prompthooks", "peft")
+METHODS = ("prompt", "prefix", "prefix-proj")
 
 Step = Callable[[], torch.Tensor]
 
 
 @dataclass
 class Result:
+    method: str
     model: str
     contestant: str
     median_ms: float
@@ -144,53 +147,97 @@ def unchanged(model: nn.Module, before: dict[str, torch.Tensor], cls: type) -> b
     )
 
 
+def kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) of a GPT-2 or LLaMA config."""
+    c = model.config  # type: ignore[union-attr]
+    layers = c.num_hidden_layers
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return layers, kv_heads, c.hidden_size // c.num_attention_heads
+
+
+def prefix_cache(table: torch.Tensor, model: nn.Module, batch: int) -> tf.DynamicCache:
+    """A fresh cache holding a ``(P, L * 2 * H_kv * D)`` prefix table, as a user
+    would build it by hand. The table's layout is PEFT's and prompthooks': per
+    virtual token, layer by layer, keys then values, ``(H_kv, D)`` each. The
+    cache is rebuilt from the table every step, so gradients reach the table."""
+    layers, heads, dim = kv_shape(model)
+    count = table.shape[0]
+    kv = table.view(count, layers, 2, heads, dim).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D)
+    cache = tf.DynamicCache()
+    for layer in range(layers):
+        keys = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)
+        values = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
+        cache.update(keys, values, layer)
+    return cache
+
+
+class PrefixMLP(nn.Module):
+    """The floor's hand-written prefix reparameterisation (embedding -> Linear ->
+    Tanh -> Linear), shaped like prompthooks' so its values can be copied over."""
+
+    def __init__(self, count: int, embed_dim: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(count, embed_dim)
+        self.transform = nn.Sequential(
+            nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, width)
+        )
+
+    def forward(self) -> torch.Tensor:
+        out: torch.Tensor = self.transform(self.embedding.weight)
+        return out
+
+
+def wrap_peft(model: nn.Module, config: PeftConfig) -> nn.Module:
+    """PEFT's model in train mode (PEFT warns about things irrelevant here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = get_peft_model(model, config)
+    wrapped.train()
+    return wrapped
+
+
 class Bench:
-    """The three contestants for one model, on one batch and one prompt table."""
+    """The three contestants for one model and one method, on one batch.
+
+    Subclasses supply the floor's step, the prompthooks spec and the PEFT
+    config; prompthooks' and PEFT's steps are the user's own call for every
+    method, so they live here.
+    """
+
+    method = ""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.model = build_model(name)
         # Copy before anything is attached: PEFT wraps (and may edit) what it is given.
-        peft_base = copy.deepcopy(self.model)
+        self.peft_base = copy.deepcopy(self.model)
         self.cls = type(self.model)
         self.before = model_state(self.model)
-        hidden = self.model.get_input_embeddings().weight.shape[1]
+        self.hidden = self.model.get_input_embeddings().weight.shape[1]
         vocab = self.model.get_input_embeddings().weight.shape[0]
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, vocab, (BATCH, LENGTH), generator=g)
+        self.generator = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, vocab, (BATCH, LENGTH), generator=self.generator)
         self.mask = torch.ones_like(self.ids)
-        init = torch.randn(P, hidden, generator=g) * 0.02
-        # floor inputs
-        self.table = init.clone().requires_grad_(True)
-        self.floor_mask = torch.ones(BATCH, LENGTH + P, dtype=torch.long)
-        self.floor_labels = torch.cat(
-            [torch.full((BATCH, P), -100, dtype=torch.long), self.ids], dim=1
-        )
-        # peft
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.peft_model = get_peft_model(
-                peft_base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-            )
-        self.peft_model.train()
-        self.peft_params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            self.peft_model.prompt_encoder["default"].embedding.weight.copy_(init)
         self.att: ph.Attachment | None = None
 
-    # -- one training step each --------------------------------------------------
+    # -- what differs between methods --------------------------------------------
 
     def floor_step(self) -> torch.Tensor:
-        self.table.grad = None
-        embeds = self.model.get_input_embeddings()(self.ids)
-        prompt = self.table.unsqueeze(0).expand(BATCH, P, embeds.shape[-1])
-        loss = self.model(
-            inputs_embeds=torch.cat([prompt, embeds], dim=1),
-            attention_mask=self.floor_mask,
-            labels=self.floor_labels,
-        ).loss
-        loss.backward()
-        return loss.detach()
+        raise NotImplementedError
+
+    def spec(self) -> Any:
+        """The prompthooks method object to attach."""
+        raise NotImplementedError
+
+    def load_values(self, prompt: ph.SoftPrompt) -> None:
+        """Copy the floor's prompt values into a freshly attached prompt."""
+        raise NotImplementedError
+
+    def shares_values_with_peft(self) -> bool:
+        """Whether PEFT got the floor's values (so its loss must equal the floor's)."""
+        return True
+
+    # -- one training step each --------------------------------------------------
 
     def prompthooks_step(self) -> torch.Tensor:
         assert self.att is not None
@@ -207,12 +254,16 @@ class Bench:
         loss.backward()
         return loss.detach()
 
+    def set_peft(self, config: PeftConfig) -> None:
+        self.peft_model = wrap_peft(self.peft_base, config)
+        self.peft_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+
     # -- prompthooks on and off (untimed) ----------------------------------------
 
     def attach(self) -> None:
-        self.att = ph.attach(self.model, ph.PromptTuning(P))
+        self.att = ph.attach(self.model, self.spec())
         with torch.no_grad():
-            self.att.prompts["default"].weight.copy_(self.table)
+            self.load_values(self.att.prompts["default"])
 
     def detach(self) -> None:
         assert self.att is not None
@@ -233,6 +284,130 @@ class Bench:
             if hooked:
                 self.detach()
         return elapsed, loss
+
+
+class PromptBench(Bench):
+    """Prompt tuning: P soft tokens in front of the input embeddings."""
+
+    method = "prompt"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        init = torch.randn(P, self.hidden, generator=self.generator) * 0.02
+        self.table = init.clone().requires_grad_(True)
+        self.floor_mask = torch.ones(BATCH, LENGTH + P, dtype=torch.long)
+        self.floor_labels = torch.cat(
+            [torch.full((BATCH, P), -100, dtype=torch.long), self.ids], dim=1
+        )
+        self.set_peft(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+        with torch.no_grad():
+            self.peft_model.prompt_encoder["default"].embedding.weight.copy_(init)
+
+    def floor_step(self) -> torch.Tensor:
+        self.table.grad = None
+        embeds = self.model.get_input_embeddings()(self.ids)
+        prompt = self.table.unsqueeze(0).expand(BATCH, P, embeds.shape[-1])
+        loss = self.model(
+            inputs_embeds=torch.cat([prompt, embeds], dim=1),
+            attention_mask=self.floor_mask,
+            labels=self.floor_labels,
+        ).loss
+        loss.backward()
+        return loss.detach()
+
+    def spec(self) -> Any:
+        return ph.PromptTuning(P)
+
+    def load_values(self, prompt: ph.SoftPrompt) -> None:
+        prompt.weight.copy_(self.table)
+
+
+class PrefixBench(Bench):
+    """Prefix tuning: P keys and values in front of every attention layer's, from
+    a trained table or (``projection``) from an MLP over a small embedding."""
+
+    def __init__(self, name: str, projection: bool = False) -> None:
+        super().__init__(name)
+        self.projection = projection
+        self.method = "prefix-proj" if projection else "prefix"
+        layers, heads, dim = kv_shape(self.model)
+        width = layers * 2 * heads * dim
+        self.mlp: PrefixMLP | None = None
+        if projection:
+            self.mlp = PrefixMLP(P, self.hidden, PROJECTION_HIDDEN, width)
+            self.table = None
+        else:  # N(0, 1), as both libraries initialise a prefix table
+            self.table = torch.randn(P, width, generator=self.generator).requires_grad_(True)
+        self.floor_mask = torch.ones(BATCH, P + LENGTH, dtype=torch.long)
+        self.floor_positions = (torch.arange(LENGTH) + P).unsqueeze(0).expand(BATCH, -1)
+        self.set_peft(
+            PrefixTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=P,
+                prefix_projection=projection,
+                encoder_hidden_size=PROJECTION_HIDDEN if projection else None,
+            )
+        )
+        self.peft_shared = self.copy_to_peft()
+
+    def copy_to_peft(self) -> bool:
+        """Give PEFT the floor's values where its parameters have the same shapes.
+        PEFT's MLP embeds P tokens in ``H_kv * D`` dimensions, prompthooks' in the
+        model's hidden size: for GQA models (LLaMA here) they cannot share values,
+        which does not matter for timing."""
+        encoder = self.peft_model.prompt_encoder["default"]
+        with torch.no_grad():
+            if self.mlp is None:
+                assert self.table is not None
+                encoder.embedding.weight.copy_(self.table)
+                return True
+            ours, theirs = self.mlp.state_dict(), encoder.state_dict()
+            if any(theirs[k].shape != v.shape for k, v in ours.items()):
+                return False
+            encoder.load_state_dict(ours)
+            return True
+
+    def shares_values_with_peft(self) -> bool:
+        return self.peft_shared
+
+    def prefix_table(self) -> torch.Tensor:
+        if self.mlp is not None:
+            return self.mlp()
+        assert self.table is not None
+        return self.table
+
+    def floor_step(self) -> torch.Tensor:
+        if self.mlp is not None:
+            self.mlp.zero_grad(set_to_none=True)
+        else:
+            assert self.table is not None
+            self.table.grad = None
+        loss = self.model(
+            input_ids=self.ids,
+            attention_mask=self.floor_mask,
+            position_ids=self.floor_positions,
+            past_key_values=prefix_cache(self.prefix_table(), self.model, BATCH),
+            labels=self.ids,
+        ).loss
+        loss.backward()
+        return loss.detach()
+
+    def spec(self) -> Any:
+        return ph.PrefixTuning(P, projection=self.projection, hidden_size=PROJECTION_HIDDEN)
+
+    def load_values(self, prompt: ph.SoftPrompt) -> None:
+        if self.mlp is not None:
+            prompt.projection.load_state_dict(self.mlp.state_dict())
+        else:
+            prompt.weight.copy_(self.table)
+
+
+def make_bench(method: str, name: str) -> Bench:
+    if method == "prompt":
+        return PromptBench(name)
+    if method in ("prefix", "prefix-proj"):
+        return PrefixBench(name, projection=method == "prefix-proj")
+    raise ValueError(method)
 
 
 def summarize(name: str, times: dict[str, list[float]]) -> list[Result]:

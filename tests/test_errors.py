@@ -132,3 +132,86 @@ def test_failed_build_leaves_the_model_unchanged() -> None:
     with pytest.raises(RuntimeError, match="cannot build"):
         ph.attach(model, {"ok": ph.PromptTuning(2), "bad": Broken()})  # type: ignore[dict-item]
     assert same_snapshot(before, snapshot(model))
+
+
+# -- prefixes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ({"num_virtual_tokens": 3, "hidden_size": 0}, "hidden_size"),
+    ],
+)
+def test_prefix_spec_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ph.PrefixTuning(**kwargs)
+
+
+def test_prefix_for_another_model_names_both_shapes() -> None:
+    gpt2, llama = tiny("gpt2"), tiny("llama")
+    with ph.attach(gpt2, ph.PrefixTuning(3)) as att:
+        prefix = att.prompts["default"]
+    before = snapshot(llama)
+    with pytest.raises(ValueError, match=r"\(4, 8\).*\(2, 8\)|\(2, 8\).*\(4, 8\)") as info:
+        ph.attach(llama, prefix)
+    assert "(P, 128)" in str(info.value) and "(P, 64)" in str(info.value)
+    assert same_snapshot(before, snapshot(llama))
+
+
+def test_prefix_too_long_with_position_shift_is_refused_before_running() -> None:
+    model = tiny("gpt2")
+    ids = torch.randint(3, VOCAB, (1, MAX_POSITIONS - 2))
+    with ph.attach(model, ph.PrefixTuning(4)):
+        with pytest.raises(ValueError, match="shift_positions=False"):
+            model(input_ids=ids)
+    with ph.attach(model, ph.PrefixTuning(4, shift_positions=False)), torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, MAX_POSITIONS - 2, VOCAB)
+
+
+def test_prefix_has_no_virtual_ids() -> None:
+    model = tiny("gpt2")
+    with ph.attach(model, ph.PrefixTuning(3)) as att:
+        with pytest.raises(ValueError, match="prefix"):
+            att.virtual_ids()
+
+
+def test_decoding_a_cache_filled_without_the_prefix_is_refused() -> None:
+    model = tiny("llama")
+    ids, mask = batch("llama", [5, 5], seed=1)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    with ph.attach(model, ph.PrefixTuning(3)):
+        with pytest.raises(ValueError, match="not filled with the attached prefix"):
+            model(input_ids=ids[:, :1], past_key_values=cache)
+
+
+def test_t5_prefix_cannot_be_written_in_peft_format(tmp_path: Path) -> None:
+    model = tiny("t5")
+    with ph.attach(model, ph.PrefixTuning(3)) as att:
+        with pytest.raises(ValueError, match="att.save"):
+            att.save_peft(tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_peft_prefix_for_a_seq2seq_model_is_explained(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "PREFIX_TUNING",
+                "num_virtual_tokens": 2,
+                "num_transformer_submodules": 2,
+                "num_layers": 2,
+                "num_attention_heads": 4,
+                "token_dim": 32,
+            }
+        )
+    )
+    from safetensors.torch import save_file
+
+    save_file(
+        {"prompt_embeddings": torch.zeros(2, 128)}, str(tmp_path / "adapter_model.safetensors")
+    )
+    with pytest.raises(ValueError, match="decoder self-attention"):
+        ph.load_peft(tmp_path)
