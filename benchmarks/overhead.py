@@ -410,7 +410,7 @@ def make_bench(method: str, name: str) -> Bench:
     raise ValueError(method)
 
 
-def summarize(name: str, times: dict[str, list[float]]) -> list[Result]:
+def summarize(method: str, name: str, times: dict[str, list[float]]) -> list[Result]:
     floor = times["floor"]
     out = []
     for c in CONTESTANTS:
@@ -419,6 +419,7 @@ def summarize(name: str, times: dict[str, list[float]]) -> list[Result]:
         paired = statistics.median(t / f for t, f in zip(times[c], floor, strict=True))
         out.append(
             Result(
+                method=method,
                 model=name,
                 contestant=c,
                 median_ms=statistics.median(ms),
@@ -432,12 +433,18 @@ def summarize(name: str, times: dict[str, list[float]]) -> list[Result]:
     return out
 
 
-def bench_model(name: str, repeats: int, warmup: int) -> tuple[list[Result], dict[str, Any]]:
-    bench = Bench(name)
+def bench_model(
+    method: str, name: str, repeats: int, warmup: int
+) -> tuple[list[Result], dict[str, Any]]:
+    bench = make_bench(method, name)
     # Warm-up. No optimizer step, so every step of every contestant sees the same
     # prompt values: the last warm-up losses double as the sanity check.
     losses = {c: [bench.run(c)[1] for _ in range(warmup)][-1] for c in CONTESTANTS}
-    diffs = {c: float((losses[c] - losses["floor"]).abs()) for c in CONTESTANTS[1:]}
+    diffs: dict[str, float | None] = {
+        c: float((losses[c] - losses["floor"]).abs()) for c in CONTESTANTS[1:]
+    }
+    if not bench.shares_values_with_peft():
+        diffs["peft"] = None  # different prompt values: nothing to compare
     times: dict[str, list[float]] = {c: [] for c in CONTESTANTS}
     for r in range(repeats):
         k = r % len(CONTESTANTS)
@@ -445,7 +452,7 @@ def bench_model(name: str, repeats: int, warmup: int) -> tuple[list[Result], dic
             times[c].append(bench.run(c)[0])
     intact = unchanged(bench.model, bench.before, bench.cls)
     check = {"loss_max_abs_diff_vs_floor": diffs, "model_untouched_by_peft": intact}
-    return summarize(name, times), check
+    return summarize(method, name, times), check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 warm-up")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["prompt", "prefix"],
+        choices=METHODS,
+        help="prompt tuning, prefix tuning, prefix tuning with its MLP (default: prompt prefix)",
+    )
     args = parser.parse_args(argv)
     repeats, warmup = (3, 1) if args.quick else (args.repeats, WARMUP)
     if repeats < 1:
@@ -464,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prompthooks {getattr(ph, '__version__', 'dev')}; "
         f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}); "
         f"fp32 CPU, train mode, dropout 0, sdpa; batch {BATCH}, length {LENGTH}, P {P}; "
+        f"methods {' '.join(args.methods)}; "
         f"step = zero prompt grad + forward + backward (no optimizer); "
         f"{warmup} warm-up, {repeats} interleaved rounds"
     )
@@ -473,33 +488,38 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: list[Result] = []
     checks: dict[str, Any] = {}
-    for name in args.models:
-        t0 = time.perf_counter()
-        res, check = bench_model(name, repeats, warmup)
-        results += res
-        checks[name] = check
-        diffs = ", ".join(f"{c} {d:.2e}" for c, d in check["loss_max_abs_diff_vs_floor"].items())
-        print(
-            f"[{name}] loss |diff| vs floor with equal prompts: {diffs}; "
-            f"prompthooks model untouched by PEFT: {check['model_untouched_by_peft']}; "
-            f"{time.perf_counter() - t0:.1f} s",
-            flush=True,
-        )
+    for method in args.methods:
+        for name in args.models:
+            t0 = time.perf_counter()
+            res, check = bench_model(method, name, repeats, warmup)
+            results += res
+            checks[f"{method}/{name}"] = check
+            diffs = ", ".join(
+                f"{c} {'n/a (values not shared)' if d is None else f'{d:.2e}'}"
+                for c, d in check["loss_max_abs_diff_vs_floor"].items()
+            )
+            print(
+                f"[{method} / {name}] loss |diff| vs floor with equal prompts: {diffs}; "
+                f"prompthooks model untouched by PEFT: {check['model_untouched_by_peft']}; "
+                f"{time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
     total = time.perf_counter() - started
 
     print()
-    print("| model | contestant | median ms/step | IQR ms | x floor | x floor (paired) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| method | model | contestant | median ms/step | IQR ms | x floor | x floor (paired) |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r.model} | {r.contestant} | {r.median_ms:.1f} | {r.iqr_ms:.1f} "
+            f"| {r.method} | {r.model} | {r.contestant} | {r.median_ms:.1f} | {r.iqr_ms:.1f} "
             f"| {r.x_floor:.3f} | {r.x_floor_paired:.3f} |"
         )
     print()
-    for name in args.models:
-        by = {r.contestant: r for r in results if r.model == name}
-        ratio = by["prompthooks"].median_ms / by["peft"].median_ms
-        print(f"{name}: prompthooks / peft = {ratio:.3f}")
+    for method in args.methods:
+        for name in args.models:
+            by = {r.contestant: r for r in results if r.model == name and r.method == method}
+            ratio = by["prompthooks"].median_ms / by["peft"].median_ms
+            print(f"{method} / {name}: prompthooks / peft = {ratio:.3f}")
     load_after = os.getloadavg()[0]
     print(
         f"total {total:.1f} s; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
@@ -517,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "threads": torch.get_num_threads(),
             "shapes": {"batch": BATCH, "length": LENGTH, "num_virtual_tokens": P},
+            "methods": args.methods,
             "repeats": repeats,
             "warmup": warmup,
             "checks": checks,

@@ -21,13 +21,18 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def test_tune_decorates_unchanged_training_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "spec", [ph.PromptTuning(4), ph.PrefixTuning(4, hidden_size=16)], ids=["prompt", "prefix"]
+)
+def test_tune_decorates_unchanged_training_code(
+    tmp_path: Path, spec: ph.PromptTuning | ph.PrefixTuning
+) -> None:
     model = tiny("gpt2")
     before = snapshot(model)
     ids, mask = batch("gpt2", [6, 4])
     path = tmp_path / "prompt.safetensors"
 
-    @ph.tune(ph.PromptTuning(4), model="model", save_to=path)
+    @ph.tune(spec, model="model", save_to=path)
     def train(model: torch.nn.Module, steps: int) -> float:
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         for _ in range(steps):
