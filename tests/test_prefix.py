@@ -260,3 +260,29 @@ def test_own_format_round_trip_keeps_the_projection(tmp_path: Path) -> None:
     with ph.attach(model, loaded), torch.no_grad():
         after = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_prompt_and_prefix_attached_together_each_equal_alone(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 4], seed=9)
+    kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if arch == "t5":
+        kw["decoder_input_ids"] = decoder_ids(2)
+    located = ph.locate(model)
+    soft = ph.PromptTuning(3).build(located)
+    prefix = ph.PrefixTuning(2, hidden_size=16).build(located)
+    with torch.no_grad():
+        with ph.attach(model, soft):
+            soft_alone = model(**kw).logits
+        with ph.attach(model, prefix):
+            prefix_alone = model(**kw).logits
+        with ph.attach(model, {"soft": soft, "prefix": prefix}) as att:
+            with att.use("soft"):
+                soft_together = model(**kw).logits
+            with att.use("prefix"):
+                prefix_together = model(**kw).logits
+                generated = model.generate(**kw, max_new_tokens=3, do_sample=False)
+    assert torch.equal(soft_together, soft_alone)
+    assert torch.equal(prefix_together, prefix_alone)
+    assert generated.shape[0] == 2
