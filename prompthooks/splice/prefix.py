@@ -124,6 +124,8 @@ class PrefixHooks:
         self._proxy: set[Role] = set()  # roles whose hooks splice in this call
         self._cross_count = 0  # prefix length on cross-attention keys (decoder calls)
         self._reentrant: set[int] = set()  # sites inside reentrant checkpoints this call
+        # The last mask each role was given and its padded form: layers share one mask.
+        self._padded: dict[Role, tuple[Any, torch.Tensor | None]] = {}
         # Caches that hold a prefix at their front, and its length.
         self.prefixed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._takes_positions: dict[nn.Module, bool] = {}
@@ -149,10 +151,12 @@ class PrefixHooks:
         self._proxy = set()
         self._cross_count = 0
         self._reentrant = set()
+        self._padded = {}
         return self._stack_pre(module, args, kwargs, INPUT_SIDE)
 
     def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         self._proxy -= DECODER_SIDE
+        self._padded = {}
         return self._stack_pre(module, args, kwargs, DECODER_SIDE)
 
     def _stack_pre(
@@ -297,14 +301,15 @@ class PrefixHooks:
                     kw[site.cache_arg] = PrefixedKV(k, v)
                 else:  # a cache the model made inside its forward: keep the prefix in it
                     self._write(cache, site, keys, values, batch, hidden.dtype)
-            kw[site.mask_arg] = pad_mask(
-                kw.get(site.mask_arg),
-                count,
-                hidden.shape[1],
-                site.causal and site.role != "cross",
-                hidden.dtype,
-                hidden.device,
-            )
+            mask = kw.get(site.mask_arg)
+            seen = self._padded.get(site.role)
+            if seen is not None and seen[0] is mask:  # every layer gets the same mask
+                kw[site.mask_arg] = seen[1]
+            else:
+                causal = site.causal and site.role != "cross"
+                padded = pad_mask(mask, count, hidden.shape[1], causal, hidden.dtype, hidden.device)
+                self._padded[site.role] = (mask, padded)
+                kw[site.mask_arg] = padded
             return args, kw
 
         return attention_pre
