@@ -29,10 +29,14 @@ libraries' machinery costs.
 Runs are interleaved (one run of each contestant per round, in rotating order)
 so that drift in machine speed hits all contestants alike; medians and IQRs
 over rounds are reported, and the paired ratio (median over rounds of this run
-/ base run of the same round). Sanity checks: prompthooks and PEFT, given the
-same prefix values, must generate identical tokens; every contestant generates
-the same tokens in every round (so detaching prompthooks restores the base
-model), and every run generates exactly ``NEW_TOKENS`` tokens.
+/ base run of the same round) with a distribution-free 95% confidence interval
+of that median: on a shared 2-core machine single runs vary by 10-20%, so
+differences of a few percent need many rounds to resolve.
+
+Sanity checks: prompthooks and PEFT, given the same prefix values, must
+generate identical tokens; every contestant generates the same tokens in every
+round (so detaching prompthooks restores the base model); every run generates
+exactly ``NEW_TOKENS`` tokens after the unchanged prompt.
 
     python benchmarks/decode.py [--repeats N] [--quick] [--json PATH]
                                 [--models gpt2 llama] [--batches 1 8]
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -65,6 +70,8 @@ PROMPT = 32
 NEW_TOKENS = 128
 PAD = 0
 CONTESTANTS = ("base", "prompthooks", "peft")
+# About 11 s per round (both models, both batches) on a 2-core CPU: 15 rounds take ~3 minutes.
+REPEATS = 15
 
 
 @dataclass
@@ -77,12 +84,41 @@ class Result:
     q3_ms: float
     x_base: float  # ratio of medians
     x_base_paired: float  # median over rounds of (this run / base run, same round)
+    x_base_paired_ci: tuple[float, float] | None  # 95% distribution-free CI of that median
     prefill_ms: float  # median time from the generate call to the first token's scores
     per_token_ms: list[float]
 
     @property
     def iqr_ms(self) -> float:
         return self.q3_ms - self.q1_ms
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of a median, from order statistics:
+    ``[x_(j), x_(n+1-j)]`` with the largest ``j`` for which a Binomial(n, 1/2)
+    falls below ``j`` with probability at most ``(1 - level) / 2``. Runs on this
+    kind of machine are far from normal, hence no t-interval. ``None`` when
+    there are too few values for the level (n < 6 at 95%)."""
+    n = len(values)
+    tail, cdf, j = (1 - level) / 2, 0.0, 0
+    while j < n:
+        cdf += math.comb(n, j) / 2**n
+        if cdf > tail:
+            break
+        j += 1
+    if j == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[j - 1], ordered[n - j]
+
+
+def paired(ours: list[float], theirs: list[float]) -> list[float]:
+    """Per-round ratios: both runs of a round saw about the same machine speed."""
+    return [a / b for a, b in zip(ours, theirs, strict=True)]
+
+
+def fmt_ci(ci: tuple[float, float] | None) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
 class StepClock(tf.LogitsProcessor):
@@ -183,6 +219,7 @@ def summarize(name: str, batch: int, runs: dict[str, list[Run]]) -> list[Result]
     out = []
     for c in CONTESTANTS:
         secs = [r.seconds_per_token for r in runs[c]]
+        ratios = paired(secs, base)
         ms = [s * 1e3 for s in secs]
         q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], 0.0, ms[0])
         out.append(
@@ -194,7 +231,8 @@ def summarize(name: str, batch: int, runs: dict[str, list[Run]]) -> list[Result]
                 q1_ms=q1,
                 q3_ms=q3,
                 x_base=statistics.median(secs) / statistics.median(base),
-                x_base_paired=statistics.median(s / b for s, b in zip(secs, base, strict=True)),
+                x_base_paired=statistics.median(ratios),
+                x_base_paired_ci=median_ci(ratios),
                 prefill_ms=statistics.median(r.prefill_seconds * 1e3 for r in runs[c]),
                 per_token_ms=ms,
             )
@@ -233,7 +271,9 @@ def bench_setting(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
+    parser.add_argument(
+        "--repeats", type=int, default=REPEATS, help=f"timed rounds (default {REPEATS})"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
@@ -272,13 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "| model | batch | contestant | median ms/token | IQR ms | x base | x base (paired) "
-        "| to 1st token ms |"
+        "| 95% CI (paired) | to 1st token ms |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
     for r in results:
         print(
             f"| {r.model} | {r.batch} | {r.contestant} | {r.median_ms:.2f} | {r.iqr_ms:.2f} "
-            f"| {r.x_base:.3f} | {r.x_base_paired:.3f} | {r.prefill_ms:.1f} |"
+            f"| {r.x_base:.3f} | {r.x_base_paired:.3f} | {fmt_ci(r.x_base_paired_ci)} "
+            f"| {r.prefill_ms:.1f} |"
         )
     print()
     for name in args.models:
@@ -286,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
             by = {r.contestant: r for r in results if r.model == name and r.batch == batch}
             ours, theirs = by["prompthooks"].per_token_ms, by["peft"].per_token_ms
             ratio = statistics.median(ours) / statistics.median(theirs)
-            paired = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+            ratios = paired(ours, theirs)
             same = checks[f"{name}/b{batch}"]["prompthooks_equals_peft"]
             print(
-                f"{name} b{batch}: prompthooks / peft = {ratio:.3f} (paired {paired:.3f}); "
+                f"{name} b{batch}: prompthooks / peft = {ratio:.3f} "
+                f"(paired {statistics.median(ratios):.3f}, 95% CI {fmt_ci(median_ci(ratios))}); "
                 f"tokens prompthooks == peft: {same}"
             )
     load_after = os.getloadavg()[0]

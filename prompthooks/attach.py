@@ -13,7 +13,6 @@ from types import TracebackType
 from typing import ParamSpec, TypeVar
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from .locators import Located, locate
 from .methods.base import PromptSpec, SoftPrompt
@@ -83,7 +82,9 @@ class Attachment:
         for p in model.parameters():
             p.requires_grad_(False)
         model.add_module(ATTRIBUTE, self.prompts)
-        self._handles: list[RemovableHandle] = [h for hook in hooks for h in hook.install()]
+        for hook in hooks:
+            hook.install()
+        self._hooks = hooks
         _ATTACHED[model] = self
         self.attached = True
 
@@ -114,9 +115,9 @@ class Attachment:
         """Remove every hook and the prompt module; restore ``requires_grad``. Idempotent."""
         if not self.attached:
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if getattr(self.model, ATTRIBUTE, None) is self.prompts:
             delattr(self.model, ATTRIBUTE)
         for name, p in self.model.named_parameters():

@@ -129,16 +129,39 @@ class PrefixHooks:
         # Caches that hold a prefix at their front, and its length.
         self.prefixed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._takes_positions: dict[nn.Module, bool] = {}
+        self._handles: list[RemovableHandle] = []
+        self._hooked: set[int] = set()  # sites whose attention hook is installed
+        self._causal_roles = {
+            roles: any(s.causal for s in self.sites if s.role in roles and s.role != "cross")
+            for roles in (INPUT_SIDE, DECODER_SIDE)
+        }
 
-    def install(self) -> list[RemovableHandle]:
+    def install(self) -> None:
         loc = self.located
-        handles = [loc.input_stack.register_forward_pre_hook(self.input_pre, with_kwargs=True)]
+        self._handles = [
+            loc.input_stack.register_forward_pre_hook(self.input_pre, with_kwargs=True)
+        ]
         for decoder in loc.encoder_mask_readers:
-            handles.append(decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True))
+            self._handles.append(
+                decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True)
+            )
+        # Cross-attention masks need widening on every call; self-attention hooks
+        # only in proxy mode. They are installed when first needed, so a model
+        # that only ever generates runs decode steps without them.
+        self._install_attention(lambda site: site.role == "cross")
+
+    def _install_attention(self, which: Callable[[AttentionSite], bool]) -> None:
         for index, site in enumerate(self.sites):
-            hook = self._attention_hook(index, site)
-            handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
-        return handles
+            if which(site) and index not in self._hooked:
+                hook = self._attention_hook(index, site)
+                self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+                self._hooked.add(index)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._hooked = set()
 
     def active(self) -> Prefix | None:
         prompt = self.bank.prompts[self.bank.active()]
@@ -211,6 +234,8 @@ class PrefixHooks:
                     kw["cache_position"] = kw["cache_position"] + count
             else:
                 self._proxy |= roles
+                if len(self._hooked) < len(self.sites):
+                    self._install_attention(lambda site: site.role in roles)
         self._check_length(module, user_past + new + (count if prefix.shift_positions else 0))
         if self._stack_takes_positions(module):
             kw["position_ids"] = self._positions(kw, mask, past, user_past, new, count)
@@ -240,7 +265,7 @@ class PrefixHooks:
         return (torch.arange(new, device=device) + user_past + offset).unsqueeze(0)
 
     def _causal(self, roles: frozenset[Role]) -> bool:
-        return any(s.causal for s in self.sites if s.role in roles and s.role != "cross")
+        return self._causal_roles[roles]
 
     def _stack_takes_positions(self, module: nn.Module) -> bool:
         if module not in self._takes_positions:

@@ -37,22 +37,35 @@ Kwargs = dict[str, Any]
 
 
 @functools.lru_cache(maxsize=256)
-def _signature(forward_function: Any) -> inspect.Signature:
-    return inspect.signature(forward_function)
+def _positional_names(forward_function: Any) -> tuple[str, ...] | None:
+    """Names that positional arguments bind to (after ``self``), or ``None`` when
+    the signature takes ``*args`` and needs a full bind."""
+    names = []
+    for param in list(inspect.signature(forward_function).parameters.values())[1:]:
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+    return tuple(names)
 
 
 def bind_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Kwargs:
-    """All arguments of a forward call by name, whether passed by position or not."""
+    """All arguments of a forward call by name, whether passed by position or not.
+
+    Runs on every forward and decode step, so it avoids ``Signature.bind``.
+    """
     if not args:  # the common case: transformers calls its stacks by keyword
         return dict(kwargs)
-    signature = _signature(type(module).forward)
-    bound = signature.bind_partial(module, *args, **kwargs).arguments
-    out = {}
-    for name, value in list(bound.items())[1:]:  # skip self
-        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        else:
-            out[name] = value
+    names = _positional_names(type(module).forward)
+    if names is None or len(args) > len(names):
+        raise TypeError(
+            f"prompthooks cannot name the positional arguments of {type(module).__name__}.forward"
+        )
+    out = dict(zip(names, args, strict=False))  # fewer args than names is normal
+    for name in kwargs:
+        if name in out:
+            raise TypeError(f"{type(module).__name__}.forward got {name!r} twice")
+    out.update(kwargs)
     return out
 
 
@@ -91,8 +104,14 @@ class SoftPromptHooks:
         # Virtual tokens inserted into the sequence that each live cache holds,
         # so decode steps know how far to shift masks and positions.
         self._inserted: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._handles: list[RemovableHandle] = []
 
-    def install(self) -> list[RemovableHandle]:
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def install(self) -> None:
         loc = self.located
         handles = [
             loc.input_stack.register_forward_pre_hook(self.stack_pre, with_kwargs=True),
@@ -107,7 +126,7 @@ class SoftPromptHooks:
             )
         if self.strip_outputs:
             handles.append(loc.model.register_forward_hook(self.strip_post))
-        return handles
+        self._handles = handles
 
     # -- deciding what a call needs ------------------------------------------------
 
