@@ -23,8 +23,9 @@ Prefix tuning (``prefix``; ``prefix-proj`` with the MLP reparameterisation):
   with P leading ones and positions ``P..P+L-1``. This is the unavoidable cost
   of attending to P extra keys in every layer.
 * ``prompthooks``: ``ph.attach(model, ph.PrefixTuning(P, projection=...))``
-  and the user's unchanged call; its attention pre-hooks splice the prefix
-  into each layer's keys and values ("proxy mode": no cache in training).
+  and the user's unchanged call. The call brings no cache, so its attention
+  pre-hooks splice the prefix into each layer's keys and values ("proxy
+  mode"), or write it into the cache the model creates inside its forward.
 * ``peft``: ``get_peft_model(copy, PrefixTuningConfig(...))``, which passes the
   prefix as ``past_key_values``.
 
