@@ -131,6 +131,9 @@ class PrefixHooks:
         self._takes_positions: dict[nn.Module, bool] = {}
         self._handles: list[RemovableHandle] = []
         self._hooked: set[int] = set()  # sites whose attention hook is installed
+        self._has_sites = {
+            roles: any(s.role in roles for s in self.sites) for roles in (INPUT_SIDE, DECODER_SIDE)
+        }
         self._causal_roles = {
             roles: any(s.causal for s in self.sites if s.role in roles and s.role != "cross")
             for roles in (INPUT_SIDE, DECODER_SIDE)
@@ -185,7 +188,7 @@ class PrefixHooks:
     def _stack_pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs, roles: frozenset[Role]
     ) -> Any:
-        if not any(s.role in roles for s in self.sites):
+        if not self._has_sites[roles]:
             return None
         prefix = self.active()
         self._prefix = prefix
@@ -238,14 +241,13 @@ class PrefixHooks:
                     self._install_attention(lambda site: site.role in roles)
         self._check_length(module, user_past + new + (count if prefix.shift_positions else 0))
         if self._stack_takes_positions(module):
-            kw["position_ids"] = self._positions(kw, mask, past, user_past, new, count)
+            kw["position_ids"] = self._positions(kw, mask, user_past, new, count)
         return (), kw
 
     def _positions(
         self,
         kw: Kwargs,
         mask: torch.Tensor | None,
-        past: int,
         user_past: int,
         new: int,
         count: int,
