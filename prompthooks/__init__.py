@@ -16,7 +16,7 @@ from .locators import (
     register_locator,
     registered_locators,
 )
-from .methods import PrefixTuning, PromptTuning, SoftPrompt
+from .methods import PrefixTuning, PromptTuning, PTuning, SoftPrompt
 
 __all__ = [
     "Attachment",
@@ -25,6 +25,7 @@ __all__ = [
     "Locator",
     "PrefixTuning",
     "PromptTuning",
+    "PTuning",
     "SoftPrompt",
     "UnsupportedModelError",
     "attach",

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from .locators.base import Located
 from .methods.base import SoftPrompt
+from .methods.p_tuning import PTuningPrompt
 from .methods.prefix_tuning import Prefix
 from .methods.prompt_tuning import PromptTable
 
@@ -63,6 +64,8 @@ def load(path: str | Path) -> dict[str, SoftPrompt]:
             prompts[name] = PromptTable(own["weight"])
         elif config["method"] == Prefix.method:
             prompts[name] = Prefix.from_config(config, own)
+        elif config["method"] == PTuningPrompt.method:
+            prompts[name] = PTuningPrompt.from_config(config, own)
         else:
             raise ValueError(f"{path}: prompt {name!r} has unknown method {config['method']!r}")
     return prompts
@@ -83,10 +86,10 @@ def load_peft(directory: str | Path) -> SoftPrompt:
         )
     config = json.loads(config_file.read_text())
     peft_type = config.get("peft_type")
-    if peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise ValueError(
             f"{directory}: peft_type {peft_type!r} is not supported "
-            "(PROMPT_TUNING and PREFIX_TUNING are)"
+            "(PROMPT_TUNING, P_TUNING and PREFIX_TUNING are)"
         )
     with safe_open(str(weights_file), framework="pt") as f:
         if "prompt_embeddings" not in f.keys():

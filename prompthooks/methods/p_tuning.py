@@ -1,0 +1,175 @@
+"""P-tuning (Liu et al. 2021, "GPT Understands, Too"): virtual-token vectors
+produced by a small prompt encoder instead of trained directly.
+
+The encoder is the paper's: an embedding of the P pseudo tokens, a
+bidirectional LSTM (``hidden/2`` units per direction, so its output is
+``hidden`` wide) that lets neighbouring pseudo tokens depend on each other,
+and a two-layer ReLU MLP back to the model's width; or the MLP alone. It runs
+once per forward call (the whole table at once, shared by every row). After
+training, ``export()`` keeps only its output, as the paper does: a plain
+``(P, hidden)`` table, the same thing Prompt Tuning trains.
+
+Pseudo tokens can sit anywhere in the input (the paper's templates): place
+``att.virtual_ids()`` where they belong, see ``prompthooks.templates``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..locators.base import Located
+from .base import SoftPrompt, check_num_virtual_tokens
+from .prompt_tuning import PromptTable
+
+Encoder = Literal["lstm", "mlp"]
+
+
+class PromptEncoder(nn.Module):
+    """Embedding -> (bidirectional LSTM) -> two-layer ReLU MLP."""
+
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        width: int,
+        hidden: int,
+        encoder: Encoder,
+        num_layers: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_virtual_tokens, width)
+        self.lstm: nn.LSTM | None = None
+        if encoder == "lstm":
+            self.lstm = nn.LSTM(
+                input_size=width,
+                hidden_size=hidden // 2,
+                num_layers=num_layers,
+                dropout=dropout if num_layers > 1 else 0.0,
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.mlp = nn.Sequential(
+                nn.Linear(2 * (hidden // 2), hidden), nn.ReLU(), nn.Linear(hidden, width)
+            )
+        else:
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight
+        if self.lstm is not None:
+            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
+        out: torch.Tensor = self.mlp(x)
+        return out
+
+
+class PTuningPrompt(SoftPrompt):
+    """A soft prompt whose table is the prompt encoder's output."""
+
+    method = "p_tuning"
+
+    def __init__(self, encoder: PromptEncoder, settings: dict[str, Any]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.settings = dict(settings)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.encoder.embedding.num_embeddings)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.embedding.embedding_dim)
+
+    def table(self) -> torch.Tensor:
+        out: torch.Tensor = self.encoder()
+        return out
+
+    def export(self) -> PromptTable:
+        with torch.no_grad():
+            return PromptTable(self.table().detach().clone())
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), **self.settings}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PTuningPrompt:
+        """Rebuild a prompt saved by ``att.save`` (encoder weights included)."""
+        settings = {
+            k: config[k] for k in ("encoder", "encoder_hidden_size", "num_layers", "dropout")
+        }
+        encoder = PromptEncoder(
+            int(config["num_virtual_tokens"]),
+            int(config["hidden_size"]),
+            int(settings["encoder_hidden_size"]),
+            settings["encoder"],
+            int(settings["num_layers"]),
+            float(settings["dropout"]),
+        )
+        encoder.load_state_dict(
+            {k.removeprefix("encoder."): v for k, v in tensors.items()}, strict=True
+        )
+        return cls(encoder, settings)
+
+
+class PTuning:
+    """Spec for P-tuning; sized from the model when attached.
+
+    Args:
+        num_virtual_tokens: number of pseudo tokens P.
+        encoder: ``"lstm"`` (embedding, bidirectional LSTM, MLP) or ``"mlp"``.
+        hidden_size: the encoder's width; defaults to the model's hidden size.
+        num_layers: LSTM layers.
+        dropout: dropout between LSTM layers (training only).
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 9,
+        encoder: Encoder = "lstm",
+        hidden_size: int | None = None,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        self.num_virtual_tokens = check_num_virtual_tokens(num_virtual_tokens)
+        if encoder not in ("lstm", "mlp"):
+            raise ValueError(f"encoder must be 'lstm' or 'mlp', got {encoder!r}")
+        if hidden_size is not None and (
+            isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 2
+        ):
+            raise ValueError(f"hidden_size must be an integer >= 2 or None, got {hidden_size!r}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.encoder = encoder
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = float(dropout)
+
+    def __repr__(self) -> str:
+        return (
+            f"PTuning(num_virtual_tokens={self.num_virtual_tokens}, encoder={self.encoder!r}, "
+            f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
+            f"dropout={self.dropout})"
+        )
+
+    def build(self, located: Located) -> PTuningPrompt:
+        hidden = self.hidden_size or located.hidden_size
+        encoder = PromptEncoder(
+            self.num_virtual_tokens,
+            located.hidden_size,
+            hidden,
+            self.encoder,
+            self.num_layers,
+            self.dropout,
+        )
+        settings = {
+            "encoder": self.encoder,
+            "encoder_hidden_size": hidden,
+            "num_layers": self.num_layers,
+            "dropout": self.dropout,
+        }
+        return PTuningPrompt(encoder.to(located.embedding.weight.device), settings)

@@ -1,0 +1,121 @@
+"""P-tuning: the prompt encoder's vectors wherever the template puts the pseudo tokens.
+
+The oracle is the model fed ``inputs_embeds`` built by hand: the token
+embeddings with the encoder's output rows written at the pseudo-token
+positions (plain loops, no library code).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from models import VOCAB, tiny
+from peft import PromptEncoderConfig, get_peft_model
+
+import prompthooks as ph
+from prompthooks.methods import PromptTable, PTuningPrompt
+
+P = 9
+
+
+def template_ids(virtual: list[int], cls_first: bool, seed: int) -> torch.Tensor:
+    """Two rows of the (3, 3, 3) layout: [CLS] P P P x x P P P y y y P P P [SEP]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(2):
+        words = torch.randint(3, VOCAB, (5,), generator=g).tolist()
+        row = [1] if cls_first else []
+        row += virtual[0:3] + words[:2] + virtual[3:6] + words[2:] + virtual[6:9]
+        row += [2] if cls_first else []
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def oracle(model: torch.nn.Module, ids: torch.Tensor, table: torch.Tensor, start: int):
+    embed = model.get_input_embeddings()
+    rows = []
+    for row in ids.tolist():
+        vectors = []
+        for token in row:
+            if token >= start:
+                vectors.append(table[token - start])
+            else:
+                vectors.append(embed.weight[token])
+        rows.append(torch.stack(vectors))
+    return model(inputs_embeds=torch.stack(rows), attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "mlp"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_pseudo_tokens_anywhere_equal_hand_built_embeddings(arch: str, encoder: str) -> None:
+    model = tiny(arch, head="lm")  # BERT: a masked LM
+    torch.manual_seed(0)
+    with ph.attach(model, ph.PTuning(P, encoder=encoder, hidden_size=16)) as att:
+        virtual = att.virtual_ids()
+        ids = template_ids(virtual, cls_first=arch == "bert", seed=1)
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            table = att.prompts["default"].table()
+        assert got.shape == (2, ids.shape[1], VOCAB)  # nothing inserted: a template
+        model(input_ids=ids).logits.square().mean().backward()
+        grads = [p.grad for p in att.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():  # the detached model, fed by hand
+        expected = oracle(model, ids, table, virtual[0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "mlp"])
+def test_export_keeps_outputs_and_leaves_one_table(encoder: str, tmp_path: Path) -> None:
+    model = tiny("gpt2")
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with ph.attach(model, ph.PTuning(P, encoder=encoder, hidden_size=16)) as att:
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+        att.save(tmp_path / "encoder.safetensors")
+        att.export()
+        assert isinstance(att.prompts["default"], PromptTable)
+        assert [tuple(p.shape) for p in att.parameters()] == [(P, 32)]
+        with torch.no_grad():
+            after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    reloaded = ph.load(tmp_path / "encoder.safetensors")["default"]
+    assert isinstance(reloaded, PTuningPrompt)  # the encoder is saved: training can resume
+    with ph.attach(model, reloaded), torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_load_peft_p_tuning_gives_peft_logits(encoder: str, tmp_path: Path) -> None:
+    model = tiny("gpt2")
+    config = PromptEncoderConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=4,
+        encoder_hidden_size=16,
+        encoder_reparameterization_type=encoder,
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path)
+    peft_model.eval()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 4:]
+    with ph.attach(model, ph.load_peft(tmp_path)), torch.no_grad():
+        got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_p_tuning_spec_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="encoder"):
+        ph.PTuning(3, encoder="gru")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_layers"):
+        ph.PTuning(3, num_layers=0)
+    with pytest.raises(ValueError, match="dropout"):
+        ph.PTuning(3, dropout=1.0)
