@@ -17,6 +17,7 @@ from .locators import (
     registered_locators,
 )
 from .methods import PrefixTuning, PromptTuning, PTuning, SoftPrompt
+from .templates import TemplateBatch, fill_template
 
 __all__ = [
     "Attachment",
@@ -27,8 +28,10 @@ __all__ = [
     "PromptTuning",
     "PTuning",
     "SoftPrompt",
+    "TemplateBatch",
     "UnsupportedModelError",
     "attach",
+    "fill_template",
     "load",
     "load_peft",
     "locate",

@@ -119,3 +119,66 @@ def test_p_tuning_spec_rejects_bad_arguments() -> None:
         ph.PTuning(3, num_layers=0)
     with pytest.raises(ValueError, match="dropout"):
         ph.PTuning(3, dropout=1.0)
+
+
+def _word_tokenizer(padding_side: str):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(5, VOCAB)}
+    vocab.update({"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, "[UNK]": 4})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        unk_token="[UNK]",
+        padding_side=padding_side,
+    )
+
+
+def test_fill_template_builds_the_papers_333_layouts() -> None:
+    virtual = list(range(100, 109))
+    bert_tok = _word_tokenizer("right")
+    bert = ph.fill_template(
+        ["[CLS]", 3, "{mask}", 3, "{x}", 3, "[SEP]"], ["w7 w8", "w9"], bert_tok, virtual
+    )
+    first = [1, 100, 101, 102, 3, 103, 104, 105, 7, 8, 106, 107, 108, 2]
+    assert bert.input_ids[0].tolist() == first
+    assert bert.input_ids[1].tolist() == [1, 100, 101, 102, 3, 103, 104, 105, 9] + [
+        106,
+        107,
+        108,
+        2,
+        0,
+    ]
+    assert bert.attention_mask.sum(1).tolist() == [14, 13]
+    assert bert.target.tolist() == [4, 4]  # the [MASK]
+    gpt_tok = _word_tokenizer("left")
+    gpt = ph.fill_template([3, "{x}", 3, "w20", 3, "{target}"], ["w7 w8", "w9"], gpt_tok, virtual)
+    assert gpt.input_ids[1].tolist() == [0, 100, 101, 102, 9, 103, 104, 105, 20, 106, 107, 108]
+    assert gpt.target.tolist() == [11, 11]  # the last position predicts the answer
+    with pytest.raises(ValueError, match="places 6 pseudo tokens"):
+        ph.fill_template([3, "{x}", 3, "{target}"], ["w7"], gpt_tok, virtual)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_template_rows_padded_equal_rows_alone(arch: str) -> None:
+    model = tiny(arch, head="lm")
+    tok = _word_tokenizer("left" if arch == "gpt2" else "right")
+    pattern = ["[CLS]", 3, "{mask}", 3, "{x}", 3, "[SEP]"] if arch == "bert" else None
+    pattern = pattern or [3, "{x}", 3, "w20", 3, "{target}"]
+    texts = ["w7 w8 w9 w10", "w11"]
+    with ph.attach(model, ph.PTuning(P, encoder="mlp", hidden_size=16)) as att:
+        batch = ph.fill_template(pattern, texts, tok, att.virtual_ids())
+        with torch.no_grad():
+            together = model(**batch.model_inputs()).logits
+            for row, text in enumerate(texts):
+                alone = ph.fill_template(pattern, [text], tok, att.virtual_ids())
+                single = model(**alone.model_inputs()).logits
+                torch.testing.assert_close(
+                    together[row, batch.target[row]], single[0, alone.target[0]], atol=1e-5, rtol=0
+                )

@@ -203,6 +203,10 @@ class SoftPromptHooks:
             self._check_length(x.shape[1])
             if cache is not None:
                 self._inserted[cache] = 0
+            mask = kw.get("attention_mask")
+            if kw.get("position_ids") is None and mask is not None and self.stack_takes_positions:
+                kw["position_ids"] = positions_from_mask(mask)  # padding changes nothing
+                return (), kw
             return None
         name, at = plan
         prompt = self.bank.prompts[name]
