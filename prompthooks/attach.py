@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -101,11 +101,26 @@ class Attachment:
         return self.bank.virtual_ids(name)
 
     @contextmanager
-    def use(self, name: str) -> Iterator[None]:
-        """Select which attached prompt forward calls insert."""
-        if name not in self.bank.prompts:
-            raise KeyError(f"no prompt named {name!r}; attached: {self.names}")
-        before, self.bank.selected = self.bank.selected, name
+    def use(self, name: str | Sequence[str]) -> Iterator[None]:
+        """Select which attached prompt forward calls insert: one name for the
+        whole batch, or a list with one name per row (a mixed batch; rows
+        repeated by ``generate`` for beams follow their row)."""
+        names = [name] if isinstance(name, str) else list(name)
+        if not names:
+            raise ValueError("att.use() needs a prompt name or a non-empty list of names")
+        for n in names:
+            if n not in self.bank.prompts:
+                raise KeyError(f"no prompt named {n!r}; attached: {self.names}")
+        selected: str | tuple[str, ...] = names[0] if len(set(names)) == 1 else tuple(names)
+        if isinstance(selected, tuple):
+            prefixes = sorted({n for n in names if self.bank.prompts[n].kind == "prefix"})
+            if prefixes:
+                raise NotImplementedError(
+                    f"a mixed batch with prefixes ({', '.join(prefixes)}) is not supported yet; "
+                    "mixed batches work for Prompt Tuning and P-tuning prompts. Run prefix "
+                    "rows in their own call with att.use(name)."
+                )
+        before, self.bank.selected = self.bank.selected, selected
         try:
             yield
         finally:

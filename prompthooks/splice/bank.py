@@ -20,7 +20,10 @@ class PromptBank:
             if prompt.kind == "tokens":
                 self.starts[name] = offset
                 offset += prompt.num_virtual_tokens
-        self.selected: str | None = next(iter(prompts)) if len(prompts) == 1 else None
+        # One name for the whole batch, or one name per row (a mixed batch).
+        self.selected: str | tuple[str, ...] | None = (
+            next(iter(prompts)) if len(prompts) == 1 else None
+        )
 
     def virtual_ids(self, name: str) -> list[int]:
         if name not in self.prompts:
@@ -37,13 +40,36 @@ class PromptBank:
         start = self.starts[name]
         return torch.arange(start, start + self.prompts[name].num_virtual_tokens, device=device)
 
-    def active(self) -> str:
+    def selection(self) -> str | tuple[str, ...]:
         if self.selected is None:
             raise RuntimeError(
                 f"several prompts are attached ({', '.join(self.prompts)}) and none is selected: "
                 "wrap the call in `with att.use('name'):`"
             )
         return self.selected
+
+    def active(self) -> str:
+        """The one prompt of the batch; for a mixed batch, its first row's (all
+        rows of a mixed batch are token prompts)."""
+        selection = self.selection()
+        return selection if isinstance(selection, str) else selection[0]
+
+    def per_row(self, batch: int) -> tuple[str, ...] | None:
+        """The prompt of each of ``batch`` rows for a mixed batch, else ``None``.
+
+        ``generate`` repeats each row for beams and ``num_return_sequences``
+        (``repeat_interleave``), so a list of n names serves any multiple of n rows.
+        """
+        selection = self.selection()
+        if isinstance(selection, str):
+            return None
+        if batch % len(selection):
+            raise ValueError(
+                f"att.use() got {len(selection)} prompt names but the batch has {batch} rows; "
+                "give one name per row"
+            )
+        repeat = batch // len(selection)
+        return tuple(name for name in selection for _ in range(repeat))
 
     def table(self) -> torch.Tensor:
         """All prompts' vectors, stacked in id order: row ``id - vocab_size``."""

@@ -80,3 +80,75 @@ def strip(x: torch.Tensor, at: torch.Tensor, count: int, dim: int = 1) -> torch.
     rows = torch.arange(x.shape[0], device=at.device).unsqueeze(1)
     moved = x.movedim(dim, 1)  # (B, L+P, ...) view
     return moved[rows, keep].movedim(1, dim)
+
+
+# -- mixed batches: each row inserts its own number of virtual tokens ------------------
+#
+# Row b gets ``counts[b]`` virtual tokens at ``at[b]``; every row is then padded to
+# the same ``width = max(counts)`` extra positions with ``width - counts[b]``
+# masked slots, in front (decoder-only models, like left padding) or at the end
+# (encoders, whose relative positions must not see a gap).
+
+
+def _per_row_index(
+    at: torch.Tensor, counts: torch.Tensor, length: int, width: int, pad_front: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the lengthened rows: source index, virtual flag, virtual offset, pad flag."""
+    j = torch.arange(length + width, device=at.device).unsqueeze(0)  # (1, L+W)
+    count = counts.unsqueeze(1)  # (B, 1)
+    k = j - (width - count) if pad_front else j  # index within the row's own lengthening
+    is_pad = (k < 0) | (k >= length + count)
+    offset = k - at.unsqueeze(1)
+    is_virtual = (offset >= 0) & (offset < count) & ~is_pad
+    source = torch.where(offset < 0, k, k - count).clamp(0, max(length - 1, 0))
+    return source, is_virtual, offset.clamp(0, max(width - 1, 0)), is_pad
+
+
+def insert_per_row(
+    x: torch.Tensor,
+    at: torch.Tensor,
+    counts: torch.Tensor,
+    fill: torch.Tensor,
+    pad: float | int | bool,
+    pad_front: bool,
+) -> torch.Tensor:
+    """Insert ``fill[b, :counts[b]]`` (``fill`` is ``(B, W, *rest)``) into row b of
+    ``x`` ``(B, L, *rest)`` at ``at[b]``, padding rows to ``L + W`` with ``pad``."""
+    batch, length, width = x.shape[0], x.shape[1], fill.shape[1]
+    source, is_virtual, offset, is_pad = _per_row_index(at, counts, length, width, pad_front)
+    rest = x.shape[2:]
+    view = (batch, length + width) + (1,) * len(rest)
+    gathered = x.gather(1, source.view(view).expand((batch, length + width) + rest))
+    filled = fill.to(x.dtype).gather(1, offset.view(view).expand((batch, length + width) + rest))
+    out = torch.where(is_virtual.view(view), filled, gathered)
+    return out.masked_fill(is_pad.view(view), pad)
+
+
+def strip_per_row(
+    x: torch.Tensor, at: torch.Tensor, counts: torch.Tensor, width: int, pad_front: bool, dim: int
+) -> torch.Tensor:
+    """Undo ``insert_per_row`` along ``dim``: keep each row's real positions."""
+    length = x.shape[dim] - width
+    k = torch.arange(length, device=at.device).unsqueeze(0)
+    count = counts.unsqueeze(1)
+    keep = torch.where(k < at.unsqueeze(1), k, k + count)
+    if pad_front:
+        keep = keep + (width - count)
+    rows = torch.arange(x.shape[0], device=at.device).unsqueeze(1)
+    return x.movedim(dim, 1)[rows, keep].movedim(1, dim)
+
+
+def shift_positions_per_row(
+    position_ids: torch.Tensor, at: torch.Tensor, counts: torch.Tensor, width: int, pad_front: bool
+) -> torch.Tensor:
+    """``shift_positions`` for a mixed batch: real tokens after a row's prompt move
+    up by its length, the prompt counts on from the first real token's position."""
+    batch, length = position_ids.shape
+    if batch != at.shape[0]:
+        position_ids = position_ids.expand(at.shape[0], length)
+    k = torch.arange(length, device=at.device).unsqueeze(0)
+    shifted = torch.where(k >= at.unsqueeze(1), position_ids + counts.unsqueeze(1), position_ids)
+    first = position_ids.gather(1, at.clamp(max=length - 1).unsqueeze(1))
+    first = torch.where(at.unsqueeze(1) >= length, first + 1, first)
+    fill = first + torch.arange(width, device=at.device).unsqueeze(0)
+    return insert_per_row(shifted, at, counts, fill, 0, pad_front)

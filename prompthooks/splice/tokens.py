@@ -31,7 +31,16 @@ from torch.utils.hooks import RemovableHandle
 from ..kernels import splice_tokens
 from ..locators.base import Located
 from .bank import PromptBank
-from .layout import insert, insertion_points, positions_from_mask, shift_positions, strip
+from .layout import (
+    insert,
+    insert_per_row,
+    insertion_points,
+    positions_from_mask,
+    shift_positions,
+    shift_positions_per_row,
+    strip,
+    strip_per_row,
+)
 
 Kwargs = dict[str, Any]
 
@@ -81,9 +90,21 @@ class Insertion:
     """Where one call's virtual tokens went: what ``strip_post`` undoes."""
 
     at: torch.Tensor  # (B,) first virtual position of each row
-    count: int
+    count: int  # positions added to every row
     length: int  # lengthened sequence length
     at_front: bool  # every row starts with its prompt: stripping is a free view
+    mixed: Mixed | None = None  # rows with prompts of different lengths
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """A batch whose rows use different prompts: row b inserts ``counts[b]``
+    virtual ids (``fill[b]``) and ``width - counts[b]`` masked pad slots."""
+
+    counts: torch.Tensor  # (B,)
+    fill: torch.Tensor  # (B, width) virtual ids, 0 beyond a row's count
+    width: int
+    pad_front: bool
 
 
 class SoftPromptHooks:
@@ -103,7 +124,7 @@ class SoftPromptHooks:
         self._ids_hold_virtual = False
         # Virtual tokens inserted into the sequence that each live cache holds,
         # so decode steps know how far to shift masks and positions.
-        self._inserted: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._inserted: weakref.WeakKeyDictionary[Any, int | Mixed] = weakref.WeakKeyDictionary()
         self._handles: list[RemovableHandle] = []
 
     def remove(self) -> None:
@@ -153,6 +174,20 @@ class SoftPromptHooks:
         at = insertion_points(mask, x.shape[0], self.located.cls_first, x.device)
         return name, at
 
+    def _mixed(self, batch: int, device: torch.device) -> Mixed | None:
+        """The per-row plan of a mixed batch (``att.use([...])``), else ``None``."""
+        rows = self.bank.per_row(batch)
+        if rows is None:
+            return None
+        ids = [self.bank.virtual_ids(name) for name in rows]
+        width = max(len(r) for r in ids)
+        fill = torch.tensor([r + [0] * (width - len(r)) for r in ids], device=device)
+        counts = torch.tensor([len(r) for r in ids], device=device)
+        # Pad slots go where the model's own padding goes: in front for decoder-only
+        # models (generation appends at the end), at the end for encoders.
+        pad_front = not (self.located.is_encoder_decoder or self.located.cls_first)
+        return Mixed(counts, fill, width, pad_front)
+
     def _check_length(self, length: int) -> None:
         limit = self.located.max_positions
         if limit is not None and length > limit:
@@ -179,6 +214,11 @@ class SoftPromptHooks:
         if plan is None:
             return None
         name, at = plan
+        mixed = self._mixed(x.shape[0], x.device)
+        if mixed is not None:
+            fill = torch.full_like(mixed.fill, -100)
+            kw["labels"] = insert_per_row(labels, at, mixed.counts, fill, -100, mixed.pad_front)
+            return (), kw
         count = self.bank.prompts[name].num_virtual_tokens
         kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
         return (), kw
@@ -209,6 +249,9 @@ class SoftPromptHooks:
                 return (), kw
             return None
         name, at = plan
+        mixed = self._mixed(x.shape[0], x.device)
+        if mixed is not None:
+            return self._insert_mixed(kw, x, at, mixed, cache)
         prompt = self.bank.prompts[name]
         count = prompt.num_virtual_tokens
         self._check_length(x.shape[1] + count)
@@ -236,11 +279,51 @@ class SoftPromptHooks:
         self._insertion = Insertion(at, count, x.shape[1] + count, at_front)
         return (), kw
 
+    def _insert_mixed(
+        self, kw: Kwargs, x: torch.Tensor, at: torch.Tensor, mixed: Mixed, cache: Any
+    ) -> Any:
+        """``stack_pre`` for a mixed batch: each row gets its own prompt."""
+        self._check_length(x.shape[1] + mixed.width)
+        counts, width, front = mixed.counts, mixed.width, mixed.pad_front
+        if kw.get("input_ids") is not None:
+            kw["input_ids"] = insert_per_row(x, at, counts, mixed.fill, 0, front)
+        else:
+            vectors = self.bank.table()[(mixed.fill - self.vocab_size).clamp(min=0)]
+            kw["inputs_embeds"] = insert_per_row(x, at, counts, vectors, 0.0, front)
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
+        positions = kw.get("position_ids")
+        if positions is not None:
+            kw["position_ids"] = shift_positions_per_row(positions, at, counts, width, front)
+        elif self.stack_takes_positions:
+            kw["position_ids"] = positions_from_mask(mask)
+        token_types = kw.get("token_type_ids")
+        if token_types is not None:
+            zeros = torch.zeros_like(mixed.fill)
+            kw["token_type_ids"] = insert_per_row(token_types, at, counts, zeros, 0, front)
+        labels = kw.get("labels")
+        if labels is not None and labels.ndim == 2 and labels.shape == x.shape[:2]:
+            fill = torch.full_like(mixed.fill, -100)
+            kw["labels"] = insert_per_row(labels, at, counts, fill, -100, front)
+        if cache is not None:
+            self._inserted[cache] = mixed
+        self._insertion = Insertion(at, width, x.shape[1] + width, False, mixed)
+        return (), kw
+
+    @staticmethod
+    def _lengthen_mask(mask: torch.Tensor, at: torch.Tensor, mixed: Mixed) -> torch.Tensor:
+        ones = torch.ones_like(mixed.fill, dtype=mask.dtype)
+        return insert_per_row(mask, at, mixed.counts, ones, 0, mixed.pad_front)
+
     def _continue(self, kw: Kwargs, cache: Any, past: int, new: int) -> Any:
         """A decode step: the cache holds the prompt; shift mask and positions to match."""
         self._check_length(past + new)
         mask = kw.get("attention_mask")
         count = self._inserted.get(cache)
+        if isinstance(count, Mixed):
+            return self._continue_mixed(kw, count, past, new)
         if count is None:  # a cache we did not fill: trust the mask's length
             count = max(past + new - mask.shape[1], 0) if mask is not None else 0
         if count == 0:
@@ -251,6 +334,18 @@ class SoftPromptHooks:
         positions = kw.get("position_ids")
         if positions is not None:
             kw["position_ids"] = positions + count
+        elif mask is not None and self.stack_takes_positions:
+            kw["position_ids"] = positions_from_mask(mask)[:, -new:]
+        return (), kw
+
+    def _continue_mixed(self, kw: Kwargs, mixed: Mixed, past: int, new: int) -> Any:
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.shape[1] == past + new - mixed.width:
+            at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
+            kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
+        positions = kw.get("position_ids")
+        if positions is not None:
+            kw["position_ids"] = positions + mixed.counts.unsqueeze(1)
         elif mask is not None and self.stack_takes_positions:
             kw["position_ids"] = positions_from_mask(mask)[:, -new:]
         return (), kw
@@ -278,7 +373,11 @@ class SoftPromptHooks:
             return None
         at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
         extra = states.shape[1] - mask.shape[1]
-        kw["encoder_attention_mask"] = insert(mask, at, mask.new_ones(extra))
+        mixed = self._mixed(mask.shape[0], mask.device) if self._tokens_active() else None
+        if mixed is not None and mixed.width == extra:  # the encoder's own layout, row by row
+            kw["encoder_attention_mask"] = self._lengthen_mask(mask, at, mixed)
+        else:
+            kw["encoder_attention_mask"] = insert(mask, at, mask.new_ones(extra))
         return (), kw
 
     def strip_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -309,6 +408,9 @@ class SoftPromptHooks:
 def _strip_dim(x: Any, ins: Insertion, dim: int) -> Any:
     if not (isinstance(x, torch.Tensor) and x.ndim > dim and x.shape[dim] == ins.length):
         return x
+    if ins.mixed is not None:
+        m = ins.mixed
+        return strip_per_row(x, ins.at, m.counts, m.width, m.pad_front, dim)
     if ins.at_front:  # a view: no copy of vocabulary-sized logits (see benchmarks/overhead.py)
         return x.narrow(dim, ins.count, ins.length - ins.count)
     return strip(x, ins.at, ins.count, dim)
