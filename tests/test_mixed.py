@@ -1,0 +1,140 @@
+"""Mixed batches: rows of one batch use different prompts of different lengths.
+
+The reference for every row is the same row run alone with its own prompt
+selected (``att.use(name)``), unpadded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
+
+import prompthooks as ph
+
+NAMES = ("a", "b", "c")
+
+
+def _prompts(model: torch.nn.Module, lengths: list[int], kinds: list[str]) -> dict[str, Any]:
+    located = ph.locate(model)
+    torch.manual_seed(sum(lengths))
+    out = {}
+    for name, n, kind in zip(NAMES, lengths, kinds, strict=True):
+        spec = ph.PromptTuning(n) if kind == "prompt" else ph.PTuning(n, "mlp", hidden_size=16)
+        out[name] = spec.build(located)
+    return out
+
+
+cases = st.fixed_dictionaries(
+    {
+        "arch": st.sampled_from(ARCHS),
+        "lengths": st.lists(st.integers(2, 9), min_size=2, max_size=5),
+        "extra_pad": st.integers(0, 2),
+        "prompt_lengths": st.lists(st.integers(1, 6), min_size=3, max_size=3),
+        "kinds": st.lists(st.sampled_from(["prompt", "ptuning"]), min_size=3, max_size=3),
+        "seed": st.integers(0, 5),
+        "data": st.data(),
+    }
+)
+
+
+@settings(max_examples=25)
+@given(case=cases)
+def test_every_row_of_a_mixed_batch_equals_the_row_alone(case: dict) -> None:
+    arch = case["arch"]
+    model = tiny(arch, seed=case["seed"])
+    width = max(case["lengths"]) + case["extra_pad"]
+    ids, mask = batch(arch, case["lengths"], seed=case["seed"], pad_to=width)
+    rows = case["data"].draw(
+        st.lists(
+            st.sampled_from(NAMES), min_size=len(case["lengths"]), max_size=len(case["lengths"])
+        )
+    )
+    dec = decoder_ids(ids.shape[0])
+    prompts = _prompts(model, case["prompt_lengths"], case["kinds"])
+    with ph.attach(model, prompts) as att, torch.no_grad():
+        kw = model_inputs(arch, ids, mask)
+        if arch == "t5":
+            kw["decoder_input_ids"] = dec
+        with att.use(rows):
+            together = model(**kw).logits
+        for r, name in enumerate(rows):
+            alone_kw = model_inputs(arch, unpad(arch, ids, mask, r), None)
+            if arch == "t5":
+                alone_kw["decoder_input_ids"] = dec[r : r + 1]
+            with att.use(name):
+                alone = model(**alone_kw).logits
+            got = together[r : r + 1] if arch == "t5" else together[r : r + 1, mask[r].bool()]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=10)
+@given(case=cases)
+def test_mixed_batch_greedy_generate_equals_rows_alone(case: dict) -> None:
+    arch = case["arch"] if case["arch"] != "bert" else "gpt2"
+    model = tiny(arch, seed=case["seed"])
+    ids, mask = batch(arch, case["lengths"], seed=case["seed"])
+    rows = case["data"].draw(
+        st.lists(
+            st.sampled_from(NAMES), min_size=len(case["lengths"]), max_size=len(case["lengths"])
+        )
+    )
+    prompts = _prompts(model, case["prompt_lengths"], case["kinds"])
+    greedy: dict[str, Any] = {"max_new_tokens": 4, "do_sample": False}
+    with ph.attach(model, prompts) as att:
+        with att.use(rows):
+            together = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+        for r, name in enumerate(rows):
+            alone_ids = unpad(arch, ids, mask, r)
+            with att.use(name):
+                alone = model.generate(
+                    input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), **greedy
+                )
+            if arch in DECODER_ONLY:
+                assert torch.equal(together[r, ids.shape[1] :], alone[0, alone_ids.shape[1] :])
+            else:
+                assert torch.equal(together[r], alone[0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_mixed_rows_follow_beam_expansion(arch: str) -> None:
+    """A list of n names serves n * beams rows: generate repeats each row."""
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 4], seed=2)
+    prompts = _prompts(model, [2, 5, 3], ["prompt", "ptuning", "prompt"])
+    beams: dict[str, Any] = {"max_new_tokens": 4, "num_beams": 3, "num_return_sequences": 2}
+    with ph.attach(model, prompts) as att:
+        with att.use(["a", "b"]):
+            together = model.generate(input_ids=ids, attention_mask=mask, **beams)
+            uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **beams)
+        assert torch.equal(together, uncached)
+        for r, name in enumerate(["a", "b"]):
+            alone_ids = unpad(arch, ids, mask, r)
+            with att.use(name):
+                alone = model.generate(
+                    input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), **beams
+                )
+            got = together[2 * r : 2 * r + 2]
+            if arch in DECODER_ONLY:
+                assert torch.equal(got[:, ids.shape[1] :], alone[:, alone_ids.shape[1] :])
+            else:
+                assert torch.equal(got, alone)
+
+
+def test_mixed_batch_errors_name_the_fix() -> None:
+    model = tiny("gpt2")
+    prompts = {"a": ph.PromptTuning(2), "p": ph.PrefixTuning(2)}
+    with ph.attach(model, prompts) as att:
+        with pytest.raises(NotImplementedError, match="prefixes"):
+            with att.use(["a", "p"]):
+                pass
+        ids, mask = batch("gpt2", [4, 4, 4])
+        with att.use(["a", "a", "a", "a"]):  # all the same: an ordinary batch of "a"
+            model(input_ids=ids[:1], attention_mask=mask[:1])
+    with ph.attach(model, {"a": ph.PromptTuning(2), "b": ph.PromptTuning(3)}) as att:
+        with att.use(["a", "b"]), pytest.raises(ValueError, match="one name per row"):
+            model(input_ids=ids, attention_mask=mask)
