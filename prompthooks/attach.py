@@ -113,12 +113,12 @@ class Attachment:
                 raise KeyError(f"no prompt named {n!r}; attached: {self.names}")
         selected: str | tuple[str, ...] = names[0] if len(set(names)) == 1 else tuple(names)
         if isinstance(selected, tuple):
-            prefixes = sorted({n for n in names if self.bank.prompts[n].kind == "prefix"})
-            if prefixes:
+            kinds = {self.bank.prompts[n].kind for n in names}
+            if len(kinds) > 1:
                 raise NotImplementedError(
-                    f"a mixed batch with prefixes ({', '.join(prefixes)}) is not supported yet; "
-                    "mixed batches work for Prompt Tuning and P-tuning prompts. Run prefix "
-                    "rows in their own call with att.use(name)."
+                    "a batch mixing prefixes with soft prompts is not supported yet; mix "
+                    "prefixes with prefixes, or Prompt Tuning / P-tuning prompts with each "
+                    "other, and run the other rows in their own call"
                 )
         before, self.bank.selected = self.bank.selected, selected
         try:

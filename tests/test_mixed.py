@@ -19,14 +19,26 @@ import prompthooks as ph
 NAMES = ("a", "b", "c")
 
 
+SPECS: dict[str, Any] = {
+    "prompt": lambda n: ph.PromptTuning(n),
+    "ptuning": lambda n: ph.PTuning(n, "mlp", hidden_size=16),
+    "prefix": lambda n: ph.PrefixTuning(n, hidden_size=16),
+    "ptv2": lambda n: ph.PrefixTuning(n, projection=False, shift_positions=False),
+}
+FAMILIES = {"tokens": ["prompt", "ptuning"], "prefix": ["prefix", "ptv2"]}
+
+
 def _prompts(model: torch.nn.Module, lengths: list[int], kinds: list[str]) -> dict[str, Any]:
     located = ph.locate(model)
     torch.manual_seed(sum(lengths))
-    out = {}
-    for name, n, kind in zip(NAMES, lengths, kinds, strict=True):
-        spec = ph.PromptTuning(n) if kind == "prompt" else ph.PTuning(n, "mlp", hidden_size=16)
-        out[name] = spec.build(located)
-    return out
+    return {
+        name: SPECS[kind](n).build(located)
+        for name, n, kind in zip(NAMES, lengths, kinds, strict=True)
+    }
+
+
+def _kinds(case: dict) -> list[str]:
+    return [FAMILIES[case["family"]][i] for i in case["picks"]]
 
 
 cases = st.fixed_dictionaries(
@@ -35,7 +47,8 @@ cases = st.fixed_dictionaries(
         "lengths": st.lists(st.integers(2, 9), min_size=2, max_size=5),
         "extra_pad": st.integers(0, 2),
         "prompt_lengths": st.lists(st.integers(1, 6), min_size=3, max_size=3),
-        "kinds": st.lists(st.sampled_from(["prompt", "ptuning"]), min_size=3, max_size=3),
+        "family": st.sampled_from(sorted(FAMILIES)),
+        "picks": st.lists(st.integers(0, 1), min_size=3, max_size=3),
         "seed": st.integers(0, 5),
         "data": st.data(),
     }
@@ -55,7 +68,7 @@ def test_every_row_of_a_mixed_batch_equals_the_row_alone(case: dict) -> None:
         )
     )
     dec = decoder_ids(ids.shape[0])
-    prompts = _prompts(model, case["prompt_lengths"], case["kinds"])
+    prompts = _prompts(model, case["prompt_lengths"], _kinds(case))
     with ph.attach(model, prompts) as att, torch.no_grad():
         kw = model_inputs(arch, ids, mask)
         if arch == "t5":
@@ -83,7 +96,7 @@ def test_mixed_batch_greedy_generate_equals_rows_alone(case: dict) -> None:
             st.sampled_from(NAMES), min_size=len(case["lengths"]), max_size=len(case["lengths"])
         )
     )
-    prompts = _prompts(model, case["prompt_lengths"], case["kinds"])
+    prompts = _prompts(model, case["prompt_lengths"], _kinds(case))
     greedy: dict[str, Any] = {"max_new_tokens": 4, "do_sample": False}
     with ph.attach(model, prompts) as att:
         with att.use(rows):
@@ -100,12 +113,14 @@ def test_mixed_batch_greedy_generate_equals_rows_alone(case: dict) -> None:
                 assert torch.equal(together[r], alone[0])
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])
-def test_mixed_rows_follow_beam_expansion(arch: str) -> None:
+def test_mixed_rows_follow_beam_expansion(arch: str, family: str) -> None:
     """A list of n names serves n * beams rows: generate repeats each row."""
     model = tiny(arch)
     ids, mask = batch(arch, [6, 4], seed=2)
-    prompts = _prompts(model, [2, 5, 3], ["prompt", "ptuning", "prompt"])
+    first, second = FAMILIES[family]
+    prompts = _prompts(model, [2, 5, 3], [first, second, first])
     beams: dict[str, Any] = {"max_new_tokens": 4, "num_beams": 3, "num_return_sequences": 2}
     with ph.attach(model, prompts) as att:
         with att.use(["a", "b"]):
@@ -129,7 +144,7 @@ def test_mixed_batch_errors_name_the_fix() -> None:
     model = tiny("gpt2")
     prompts = {"a": ph.PromptTuning(2), "p": ph.PrefixTuning(2)}
     with ph.attach(model, prompts) as att:
-        with pytest.raises(NotImplementedError, match="prefixes"):
+        with pytest.raises(NotImplementedError, match="mixing prefixes"):
             with att.use(["a", "p"]):
                 pass
         ids, mask = batch("gpt2", [4, 4, 4])

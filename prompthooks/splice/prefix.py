@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from .tokens import Kwargs, bind_kwargs, cache_length
 INPUT_SIDE: frozenset[Role] = frozenset({"self", "enc_self"})
 DECODER_SIDE: frozenset[Role] = frozenset({"dec_self", "cross"})
 
+#: Per site, keys and values: ``(H, P, D)`` shared by all rows or ``(B, H, W, D)``.
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -80,36 +82,69 @@ def _layer_cache(cache: Any, role: Role) -> Any:
     return getattr(cache, "self_attention_cache", cache)
 
 
+@dataclass(frozen=True)
+class PrefixRows:
+    """How one call's prefix sits in front of each row's keys.
+
+    One prefix for the whole batch: ``keep`` is ``None`` and the counts are
+    ints. A mixed batch (``att.use([...])`` with prefixes of different
+    lengths): every row gets ``width`` key slots, its own prefix right-aligned
+    in them and the slots in front of it masked (``keep`` False), so each row
+    computes what it computes alone (T5's relative positions included).
+    """
+
+    width: int
+    keep: torch.Tensor | None  # (B, width) bool
+    counts: torch.Tensor | int  # (B, 1): each row's prefix length
+    offsets: torch.Tensor | int  # (B, 1): position shift of each row's real tokens
+
+
+def _front(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
+    """The prefix's key columns for a 4-D mask ``(B or 1, heads, queries, keys)``."""
+    shape = (*mask.shape[:-1], rows.width)
+    attend = True if mask.dtype == torch.bool else 0.0
+    if rows.keep is None:
+        return mask.new_full(shape, attend)
+    keep = rows.keep[:, None, None, :].expand(rows.keep.shape[0], *shape[1:])
+    if mask.dtype == torch.bool:
+        return keep
+    blocked = torch.finfo(mask.dtype).min
+    return torch.zeros(keep.shape, dtype=mask.dtype, device=mask.device).masked_fill(~keep, blocked)
+
+
 def pad_mask(
     mask: torch.Tensor | None,
-    count: int,
+    rows: PrefixRows,
     query_length: int,
     causal: bool,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """Give a 4-D attention mask ``count`` leading key columns that every query attends."""
+    """Give a 4-D attention mask the prefix's leading key columns."""
+    width = rows.width
     if mask is None:
-        if not causal:
+        if not causal and rows.keep is None:
             return None  # no mask means "attend everything", prefix included
         # The triangle must be aligned to the bottom right: query i sees the
         # prefix and real keys 0..i. Additive float works for eager and sdpa.
-        keys = torch.arange(count + query_length, device=device)
-        queries = torch.arange(query_length, device=device).unsqueeze(1) + count
-        allowed = keys.unsqueeze(0) <= queries
-        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked)[
-            None, None
-        ]
+        keys = torch.arange(width + query_length, device=device)
+        queries = torch.arange(query_length, device=device).unsqueeze(1) + width
+        allowed = (keys.unsqueeze(0) <= queries) if causal else keys.unsqueeze(0) >= 0
+        allowed = allowed[None, None]
+        if rows.keep is not None:
+            real = torch.ones(rows.keep.shape[0], query_length, dtype=torch.bool, device=device)
+            allowed = allowed & torch.cat([rows.keep, real], dim=1)[:, None, None, :]
+        blocked = torch.finfo(dtype).min
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, blocked)
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(
             f"prefix tuning needs a 4-D attention mask inside attention modules, got {shape}; "
             "use attn_implementation='sdpa' or 'eager'"
         )
-    attend = True if mask.dtype == torch.bool else 0.0
-    front = mask.new_full((*mask.shape[:-1], count), attend)
-    return torch.cat([front, mask], dim=-1)
+    if rows.keep is not None and mask.shape[0] != rows.keep.shape[0]:
+        mask = mask.expand(rows.keep.shape[0], *mask.shape[1:])
+    return torch.cat([_front(mask, rows), mask], dim=-1)
 
 
 class PrefixHooks:
@@ -119,15 +154,15 @@ class PrefixHooks:
         self.located = located
         self.bank = bank
         self.sites = located.sites
-        self._prefix: Prefix | None = None  # the prefix of the current call, if any
+        self._rows: PrefixRows | None = None  # the current call's prefix layout, if any
         self._kv: KeyValues = []
         self._proxy: set[Role] = set()  # roles whose hooks splice in this call
         self._cross_count = 0  # prefix length on cross-attention keys (decoder calls)
         self._reentrant: set[int] = set()  # sites inside reentrant checkpoints this call
         # The last mask each role was given and its padded form: layers share one mask.
         self._padded: dict[Role, tuple[Any, torch.Tensor | None]] = {}
-        # Caches that hold a prefix at their front, and its length.
-        self.prefixed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # Caches that hold a prefix at their front, and how it is laid out.
+        self.prefixed: weakref.WeakKeyDictionary[Any, PrefixRows] = weakref.WeakKeyDictionary()
         self._takes_positions: dict[nn.Module, bool] = {}
         self._handles: list[RemovableHandle] = []
         self._hooked: set[int] = set()  # sites whose attention hook is installed
@@ -166,14 +201,49 @@ class PrefixHooks:
         self._handles = []
         self._hooked = set()
 
-    def active(self) -> Prefix | None:
-        prompt = self.bank.prompts[self.bank.active()]
-        return prompt if isinstance(prompt, Prefix) else None
+    def _build(self, batch: int) -> tuple[PrefixRows, KeyValues]:
+        """This call's layout and per-site keys/values (the prefixes run once each)."""
+        rows = self.bank.per_row(batch)
+        if rows is None:
+            prefix = self.bank.prompts[self.bank.active()]
+            assert isinstance(prefix, Prefix)
+            count = prefix.num_virtual_tokens
+            offset = count if prefix.shift_positions else 0
+            return PrefixRows(count, None, count, offset), prefix.key_values()
+        distinct = list(dict.fromkeys(rows))
+        prefixes: list[Prefix] = []
+        for name in distinct:
+            prompt = self.bank.prompts[name]
+            assert isinstance(prompt, Prefix)
+            prefixes.append(prompt)
+        per_prefix = [p.key_values() for p in prefixes]
+        width = max(p.num_virtual_tokens for p in prefixes)
+        device = per_prefix[0][0][0].device
+        pick = torch.tensor([distinct.index(r) for r in rows], device=device)
+        kv: KeyValues = []
+        for site in range(len(self.sites)):
+            keys = torch.stack([_right_aligned(kvs[site][0], width) for kvs in per_prefix])
+            values = torch.stack([_right_aligned(kvs[site][1], width) for kvs in per_prefix])
+            kv.append((keys[pick], values[pick]))  # (B, H, W, D)
+        lengths = torch.tensor([p.num_virtual_tokens for p in prefixes], device=device)[pick]
+        shifts = torch.tensor([p.shift_positions for p in prefixes], device=device)[pick]
+        keep = torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+        counts = lengths.unsqueeze(1)
+        return PrefixRows(width, keep, counts, counts * shifts.unsqueeze(1)), kv
+
+    def _expected_width(self) -> int | None:
+        """Prefix width of the current selection, or None when it is not a prefix."""
+        selection = self.bank.selection()
+        names = (selection,) if isinstance(selection, str) else selection
+        prompts = [self.bank.prompts[n] for n in names]
+        if not all(isinstance(p, Prefix) for p in prompts):
+            return None
+        return max(p.num_virtual_tokens for p in prompts)
 
     # -- stacks ----------------------------------------------------------------
 
     def input_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        self._prefix = None
+        self._rows = None
         self._proxy = set()
         self._cross_count = 0
         self._reentrant = set()
@@ -190,17 +260,14 @@ class PrefixHooks:
     ) -> Any:
         if not self._has_sites[roles]:
             return None
-        prefix = self.active()
-        self._prefix = prefix
-        if prefix is None:
+        width = self._expected_width()
+        if width is None:
+            self._rows = None
             return None
         kw = bind_kwargs(module, args, kwargs)
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if x is None:
             return None
-        count = prefix.num_virtual_tokens
-        if "cross" in roles:
-            self._cross_count = count
         cache = kw.get("past_key_values")
         past = cache_length(cache)
         new = x.shape[1]
@@ -211,60 +278,63 @@ class PrefixHooks:
                 f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
             )
         if past > 0:  # a decode step: the cache must already hold this prefix
-            held = self.prefixed.get(cache)
-            if held != count:
+            rows = self.prefixed.get(cache)
+            if rows is None or rows.width != width:
                 raise ValueError(
                     "this cache was not filled with the attached prefix "
-                    f"({count} virtual tokens); start decoding from a call without "
+                    f"({width} virtual tokens); start decoding from a call without "
                     "past_key_values while the prefix is attached"
                 )
-            if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - count):
+            self._rows = rows
+            if mask is None and rows.keep is not None:  # rows must not see their unused slots
+                mask = torch.ones(x.shape[0], past + new - width, dtype=torch.long, device=x.device)
+            if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - width):
                 kw["attention_mask"] = mask = _prepend_attend(
-                    mask, count, _capacity(cache), past if self._causal(roles) else None
+                    mask, rows, _capacity(cache), past if self._causal(roles) else None
                 )
-            user_past = past - count
+            user_past = past - width
         else:
-            self._kv = prefix.key_values()
+            rows, self._kv = self._build(x.shape[0])
+            self._rows = rows
             user_past = 0
             checkpointing = module.training and bool(getattr(module, "gradient_checkpointing", 0))
             if cache is not None and not checkpointing:
                 self._fill(cache, roles, x.shape[0])
+                if mask is None and rows.keep is not None:
+                    mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
                 if mask is not None:
                     kw["attention_mask"] = mask = _prepend_attend(
-                        mask, count, _capacity(cache), count if self._causal(roles) else None
+                        mask, rows, _capacity(cache), width if self._causal(roles) else None
                     )
                 if kw.get("cache_position") is not None:
-                    kw["cache_position"] = kw["cache_position"] + count
+                    kw["cache_position"] = kw["cache_position"] + width
             else:
                 self._proxy |= roles
                 if len(self._hooked) < len(self.sites):
                     self._install_attention(lambda site: site.role in roles)
-        self._check_length(module, user_past + new + (count if prefix.shift_positions else 0))
+        if "cross" in roles:
+            self._cross_count = width
+        self._check_length(module, user_past + new + _largest(rows.offsets))
         if self._stack_takes_positions(module):
-            kw["position_ids"] = self._positions(kw, mask, user_past, new, count)
+            kw["position_ids"] = self._positions(kw, mask, user_past, new)
         return (), kw
 
     def _positions(
-        self,
-        kw: Kwargs,
-        mask: torch.Tensor | None,
-        user_past: int,
-        new: int,
-        count: int,
+        self, kw: Kwargs, mask: torch.Tensor | None, user_past: int, new: int
     ) -> torch.Tensor:
         """Explicit positions of the new real tokens (see the module docstring)."""
-        assert self._prefix is not None
-        offset = count if self._prefix.shift_positions else 0
+        assert self._rows is not None
+        offsets, counts = self._rows.offsets, self._rows.counts
         given: torch.Tensor | None = kw.get("position_ids")
         if given is not None:
-            return given + offset if offset else given
+            return given + offsets
         if mask is not None and mask.ndim == 2:
             if mask.shape[1] == user_past + new:  # the user's own mask (proxy mode)
-                return positions_from_mask(mask)[:, -new:] + offset
+                return positions_from_mask(mask)[:, -new:] + offsets
             # the mask now starts with the prefix's ones, which count as positions
-            return positions_from_mask(mask)[:, -new:] - (count - offset)
+            return positions_from_mask(mask)[:, -new:] - (counts - offsets)
         device = self.located.embedding.weight.device
-        return (torch.arange(new, device=device) + user_past + offset).unsqueeze(0)
+        return torch.arange(new, device=device).unsqueeze(0) + user_past + offsets
 
     def _causal(self, roles: frozenset[Role]) -> bool:
         return self._causal_roles[roles]
@@ -299,7 +369,8 @@ class PrefixHooks:
         self, index: int, site: AttentionSite
     ) -> Callable[[nn.Module, tuple[Any, ...], Kwargs], Any]:
         def attention_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-            if self._prefix is None:
+            rows = self._rows
+            if rows is None:
                 return None
             proxy = site.role in self._proxy
             if not proxy and not (site.role == "cross" and self._cross_count):
@@ -310,7 +381,7 @@ class PrefixHooks:
             else:
                 kw = dict(kwargs)
                 hidden = args[0] if args else kw["hidden_states"]
-            count = self._prefix.num_virtual_tokens
+            batch = hidden.shape[0]
             if proxy:
                 keys, values = self._kv[index]
                 if keys.requires_grad and not torch.is_grad_enabled():
@@ -319,12 +390,13 @@ class PrefixHooks:
                     # Its recomputation inside backward backpropagates each layer on
                     # its own: give the layer its own graph to the prefix parameters
                     # instead of sharing (and freeing) the one built for the call.
-                    keys, values = self._prefix.key_values()[index]
+                    keys, values = self._build(batch)[1][index]
                 cache = kw.get(site.cache_arg)
-                batch = hidden.shape[0]
                 if cache is None:
-                    k = keys.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-                    v = values.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+                    k, v = (
+                        _batched(keys, batch, hidden.dtype),
+                        _batched(values, batch, hidden.dtype),
+                    )
                     kw[site.cache_arg] = PrefixedKV(k, v)
                 else:  # a cache the model made inside its forward: keep the prefix in it
                     self._write(cache, site, keys, values, batch, hidden.dtype)
@@ -334,7 +406,7 @@ class PrefixHooks:
                 kw[site.mask_arg] = seen[1]
             else:
                 causal = site.causal and site.role != "cross"
-                padded = pad_mask(mask, count, hidden.shape[1], causal, hidden.dtype, hidden.device)
+                padded = pad_mask(mask, rows, hidden.shape[1], causal, hidden.dtype, hidden.device)
                 self._padded[site.role] = (mask, padded)
                 kw[site.mask_arg] = padded
             return args, kw
@@ -357,31 +429,52 @@ class PrefixHooks:
             raise RuntimeError(
                 f"prefix: layer {site.layer}'s cache is not empty at the start of a sequence"
             )
-        _make_room(target, site.layer, keys.shape[1])
-        k = keys.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
-        v = values.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+        assert self._rows is not None
+        _make_room(target, site.layer, self._rows.width)
+        k = _batched(keys, batch, dtype).contiguous()
+        v = _batched(values, batch, dtype).contiguous()
         target.update(k, v, site.layer)
-        self.prefixed[cache] = keys.shape[1]
+        self.prefixed[cache] = self._rows
+
+
+def _batched(x: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(H, P, D)`` shared by all rows, or already ``(B, H, W, D)``, as ``(B, H, *, D)``."""
+    x = x.to(dtype)
+    return x if x.ndim == 4 else x.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def _right_aligned(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``(H, P, D)`` -> ``(H, width, D)`` with the prefix in the last P slots."""
+    return nn.functional.pad(x, (0, 0, width - x.shape[1], 0))
+
+
+def _largest(x: torch.Tensor | int) -> int:
+    return int(x.max()) if isinstance(x, torch.Tensor) else x
 
 
 def _prepend_attend(
-    mask: torch.Tensor, count: int, capacity: int | None = None, past: int | None = None
+    mask: torch.Tensor, rows: PrefixRows, capacity: int | None = None, past: int | None = None
 ) -> torch.Tensor:
-    """``count`` leading key columns that every query attends: a 2-D padding
-    mask gets ones, a ready-made 4-D mask gets True or 0.0 columns.
+    """The prefix's leading key columns: a 2-D padding mask gets ones (or each
+    row's ``keep`` pattern), a ready-made 4-D mask gets True or 0.0 columns.
 
     ``generate`` with a static cache builds 4-D masks as wide as the cache, with
     the user's padding in the user's view (key j is the user's token j).
-    Shifted right by ``count``, the padding lands on the right keys; the
+    Shifted right by the prefix width, the padding lands on the right keys; the
     columns pushed past the cache's capacity are dropped. The mask's causal
     part may have been built in either view, so for a causal stack (``past`` =
     cached keys, prefix included) it is imposed again in the cache's view:
     query i sees keys ``0..past+i``, never an unwritten slot.
     """
     if mask.ndim == 2:
-        return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
-    attend = True if mask.dtype == torch.bool else 0.0
-    out = torch.cat([mask.new_full((*mask.shape[:-1], count), attend), mask], dim=-1)
+        if rows.keep is None:
+            front = mask.new_ones(mask.shape[0], rows.width)
+        else:
+            front = rows.keep.to(mask.dtype)
+        return torch.cat([front, mask], dim=1)
+    if rows.keep is not None and mask.shape[0] != rows.keep.shape[0]:
+        mask = mask.expand(rows.keep.shape[0], *mask.shape[1:])
+    out = torch.cat([_front(mask, rows), mask], dim=-1)
     if capacity is not None and out.shape[-1] > capacity:
         out = out[..., :capacity]
     if past is not None:
