@@ -77,7 +77,9 @@ class Attachment:
         if "tokens" in kinds:
             hooks.append(SoftPromptHooks(self.located, self.bank, strip_outputs=strip))
         if "prefix" in kinds:
-            hooks.append(PrefixHooks(self.located, self.bank))
+            prefix_hooks = PrefixHooks(self.located, self.bank)
+            hooks.append(prefix_hooks)
+            self.bank.prefix_width = prefix_hooks.width_in
         self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -112,14 +114,6 @@ class Attachment:
             if n not in self.bank.prompts:
                 raise KeyError(f"no prompt named {n!r}; attached: {self.names}")
         selected: str | tuple[str, ...] = names[0] if len(set(names)) == 1 else tuple(names)
-        if isinstance(selected, tuple):
-            kinds = {self.bank.prompts[n].kind for n in names}
-            if len(kinds) > 1:
-                raise NotImplementedError(
-                    "a batch mixing prefixes with soft prompts is not supported yet; mix "
-                    "prefixes with prefixes, or Prompt Tuning / P-tuning prompts with each "
-                    "other, and run the other rows in their own call"
-                )
         before, self.bank.selected = self.bank.selected, selected
         try:
             yield

@@ -25,7 +25,11 @@ SPECS: dict[str, Any] = {
     "prefix": lambda n: ph.PrefixTuning(n, hidden_size=16),
     "ptv2": lambda n: ph.PrefixTuning(n, projection=False, shift_positions=False),
 }
-FAMILIES = {"tokens": ["prompt", "ptuning"], "prefix": ["prefix", "ptv2"]}
+FAMILIES = {
+    "tokens": ["prompt", "ptuning"],
+    "prefix": ["prefix", "ptv2"],
+    "both": ["ptuning", "ptv2"],  # soft prompts and prefixes in one batch
+}
 
 
 def _prompts(model: torch.nn.Module, lengths: list[int], kinds: list[str]) -> dict[str, Any]:
@@ -144,8 +148,8 @@ def test_mixed_batch_errors_name_the_fix() -> None:
     model = tiny("gpt2")
     prompts = {"a": ph.PromptTuning(2), "p": ph.PrefixTuning(2)}
     with ph.attach(model, prompts) as att:
-        with pytest.raises(NotImplementedError, match="mixing prefixes"):
-            with att.use(["a", "p"]):
+        with pytest.raises(KeyError, match="no prompt named 'z'"):
+            with att.use(["a", "z"]):
                 pass
         ids, mask = batch("gpt2", [4, 4, 4])
         with att.use(["a", "a", "a", "a"]):  # all the same: an ordinary batch of "a"

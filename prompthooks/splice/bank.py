@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..methods.base import SoftPrompt
@@ -14,6 +16,9 @@ class PromptBank:
     def __init__(self, prompts: dict[str, SoftPrompt], vocab_size: int) -> None:
         self.prompts = prompts  # the attachment replaces entries on export()
         self.vocab_size = vocab_size
+        # Set by the attachment: prefix slots a cache holds in front (0 if none), so
+        # the token hooks can tell the user's mask length on decode steps.
+        self.prefix_width: Callable[[object], int] = lambda cache: 0
         self.starts: dict[str, int] = {}
         offset = vocab_size
         for name, prompt in prompts.items():
@@ -53,6 +58,12 @@ class PromptBank:
         rows of a mixed batch are token prompts)."""
         selection = self.selection()
         return selection if isinstance(selection, str) else selection[0]
+
+    def selects(self, kind: str) -> bool:
+        """Some row of the batch uses a prompt of this kind (``tokens`` or ``prefix``)."""
+        selection = self.selection()
+        names = (selection,) if isinstance(selection, str) else selection
+        return any(self.prompts[n].kind == kind for n in names)
 
     def per_row(self, batch: int) -> tuple[str, ...] | None:
         """The prompt of each of ``batch`` rows for a mixed batch, else ``None``.

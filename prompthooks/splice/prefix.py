@@ -210,7 +210,9 @@ class PrefixHooks:
             count = prefix.num_virtual_tokens
             offset = count if prefix.shift_positions else 0
             return PrefixRows(count, None, count, offset), prefix.key_values()
-        distinct = list(dict.fromkeys(rows))
+        # Rows whose prompt is a soft prompt (served by the token hooks) get no prefix:
+        # all their slots are masked.
+        distinct = [n for n in dict.fromkeys(rows) if isinstance(self.bank.prompts[n], Prefix)]
         prefixes: list[Prefix] = []
         for name in distinct:
             prompt = self.bank.prompts[name]
@@ -219,26 +221,38 @@ class PrefixHooks:
         per_prefix = [p.key_values() for p in prefixes]
         width = max(p.num_virtual_tokens for p in prefixes)
         device = per_prefix[0][0][0].device
-        pick = torch.tensor([distinct.index(r) for r in rows], device=device)
+        none = len(distinct)  # index of the all-masked "no prefix" entry
+        pick = torch.tensor(
+            [distinct.index(r) if r in distinct else none for r in rows], device=device
+        )
         kv: KeyValues = []
         for site in range(len(self.sites)):
-            keys = torch.stack([_right_aligned(kvs[site][0], width) for kvs in per_prefix])
-            values = torch.stack([_right_aligned(kvs[site][1], width) for kvs in per_prefix])
-            kv.append((keys[pick], values[pick]))  # (B, H, W, D)
-        lengths = torch.tensor([p.num_virtual_tokens for p in prefixes], device=device)[pick]
-        shifts = torch.tensor([p.shift_positions for p in prefixes], device=device)[pick]
+            parts = []
+            for part in (0, 1):
+                blocks = [_right_aligned(kvs[site][part], width) for kvs in per_prefix]
+                blocks.append(torch.zeros_like(blocks[0]))
+                parts.append(torch.stack(blocks)[pick])  # (B, H, W, D)
+            kv.append((parts[0], parts[1]))
+        lengths = torch.tensor([p.num_virtual_tokens for p in prefixes] + [0], device=device)
+        lengths = lengths[pick]
+        shifts = torch.tensor([p.shift_positions for p in prefixes] + [False], device=device)
+        shifts = shifts[pick]
         keep = torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
         counts = lengths.unsqueeze(1)
         return PrefixRows(width, keep, counts, counts * shifts.unsqueeze(1)), kv
+
+    def width_in(self, cache: object) -> int:
+        """Prefix slots ``cache`` holds in front of the tokens (0 if none)."""
+        rows = self.prefixed.get(cache) if cache is not None else None
+        return rows.width if rows is not None else 0
 
     def _expected_width(self) -> int | None:
         """Prefix width of the current selection, or None when it is not a prefix."""
         selection = self.bank.selection()
         names = (selection,) if isinstance(selection, str) else selection
         prompts = [self.bank.prompts[n] for n in names]
-        if not all(isinstance(p, Prefix) for p in prompts):
-            return None
-        return max(p.num_virtual_tokens for p in prompts)
+        widths = [p.num_virtual_tokens for p in prompts if isinstance(p, Prefix)]
+        return max(widths) if widths else None
 
     # -- stacks ----------------------------------------------------------------
 

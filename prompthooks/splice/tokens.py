@@ -152,8 +152,8 @@ class SoftPromptHooks:
     # -- deciding what a call needs ------------------------------------------------
 
     def _tokens_active(self) -> bool:
-        """The selected prompt enters through the embedding (not a prefix)."""
-        return self.bank.prompts[self.bank.active()].kind == "tokens"
+        """Some selected prompt enters through the embedding (not a prefix)."""
+        return self.bank.selects("tokens")
 
     def _fresh_insertion(self, kw: Kwargs, past: int) -> tuple[str, torch.Tensor] | None:
         """For a call that starts a sequence: (prompt name, insertion points), or
@@ -179,7 +179,8 @@ class SoftPromptHooks:
         rows = self.bank.per_row(batch)
         if rows is None:
             return None
-        ids = [self.bank.virtual_ids(name) for name in rows]
+        # Rows whose prompt is a prefix insert nothing here (the prefix hooks serve them).
+        ids = [self.bank.virtual_ids(n) if n in self.bank.starts else [] for n in rows]
         width = max(len(r) for r in ids)
         fill = torch.tensor([r + [0] * (width - len(r)) for r in ids], device=device)
         counts = torch.tensor([len(r) for r in ids], device=device)
@@ -323,7 +324,7 @@ class SoftPromptHooks:
         mask = kw.get("attention_mask")
         count = self._inserted.get(cache)
         if isinstance(count, Mixed):
-            return self._continue_mixed(kw, count, past, new)
+            return self._continue_mixed(kw, count, past, new, cache)
         if count is None:  # a cache we did not fill: trust the mask's length
             count = max(past + new - mask.shape[1], 0) if mask is not None else 0
         if count == 0:
@@ -338,9 +339,12 @@ class SoftPromptHooks:
             kw["position_ids"] = positions_from_mask(mask)[:, -new:]
         return (), kw
 
-    def _continue_mixed(self, kw: Kwargs, mixed: Mixed, past: int, new: int) -> Any:
+    def _continue_mixed(
+        self, kw: Kwargs, mixed: Mixed, past: int, new: int, cache: Any = None
+    ) -> Any:
         mask = kw.get("attention_mask")
-        if mask is not None and mask.shape[1] == past + new - mixed.width:
+        user = past + new - mixed.width - self.bank.prefix_width(cache)
+        if mask is not None and mask.shape[1] == user:
             at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
             kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
         positions = kw.get("position_ids")
