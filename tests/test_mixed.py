@@ -157,3 +157,16 @@ def test_mixed_batch_errors_name_the_fix() -> None:
     with ph.attach(model, {"a": ph.PromptTuning(2), "b": ph.PromptTuning(3)}) as att:
         with att.use(["a", "b"]), pytest.raises(ValueError, match="one name per row"):
             model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_mixed_prefixes_static_cache_equals_dynamic(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = batch(arch, [6, 3, 5], seed=3)
+    prompts = _prompts(model, [2, 5, 3], ["prefix", "ptv2", "prefix"])
+    kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5}
+    with ph.attach(model, prompts) as att, att.use(["a", "b", "c"]):
+        for beams in (1, 2):
+            dynamic = model.generate(**kw, num_beams=beams)
+            static = model.generate(**kw, num_beams=beams, cache_implementation="static")
+            assert torch.equal(static, dynamic)
