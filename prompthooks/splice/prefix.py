@@ -41,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from ..locators.base import AttentionSite, Located, Role
 from ..methods.prefix_tuning import Prefix
 from .bank import PromptBank
+from .caches import capacity, layer_cache, make_room
 from .layout import positions_from_mask
 from .tokens import Kwargs, bind_kwargs, cache_length
 
@@ -73,13 +74,6 @@ class PrefixedKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.keys.shape[-2])
-
-
-def _layer_cache(cache: Any, role: Role) -> Any:
-    """The part of a (possibly encoder-decoder) cache that one site updates."""
-    if role == "cross":
-        return getattr(cache, "cross_attention_cache", None)
-    return getattr(cache, "self_attention_cache", cache)
 
 
 @dataclass(frozen=True)
@@ -304,7 +298,7 @@ class PrefixHooks:
                 mask = torch.ones(x.shape[0], past + new - width, dtype=torch.long, device=x.device)
             if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - width):
                 kw["attention_mask"] = mask = _prepend_attend(
-                    mask, rows, _capacity(cache), past if self._causal(roles) else None
+                    mask, rows, capacity(cache), past if self._causal(roles) else None
                 )
             user_past = past - width
         else:
@@ -318,7 +312,7 @@ class PrefixHooks:
                     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
                 if mask is not None:
                     kw["attention_mask"] = mask = _prepend_attend(
-                        mask, rows, _capacity(cache), width if self._causal(roles) else None
+                        mask, rows, capacity(cache), width if self._causal(roles) else None
                     )
                 if kw.get("cache_position") is not None:
                     kw["cache_position"] = kw["cache_position"] + width
@@ -436,7 +430,7 @@ class PrefixHooks:
         batch: int,
         dtype: torch.dtype,
     ) -> None:
-        target = _layer_cache(cache, site.role)
+        target = layer_cache(cache, site.role)
         if target is None:
             raise TypeError(f"{type(cache).__name__} has no cross-attention cache")
         if cache_length(target, site.layer) != 0:
@@ -444,7 +438,7 @@ class PrefixHooks:
                 f"prefix: layer {site.layer}'s cache is not empty at the start of a sequence"
             )
         assert self._rows is not None
-        _make_room(target, site.layer, self._rows.width)
+        make_room(target, site.layer, self._rows.width)
         k = _batched(keys, batch, dtype).contiguous()
         v = _batched(values, batch, dtype).contiguous()
         target.update(k, v, site.layer)
@@ -498,27 +492,3 @@ def _prepend_attend(
         blocked = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
         out = out.masked_fill(~allowed, blocked)
     return out
-
-
-def _capacity(cache: Any) -> int | None:
-    """How many keys a fixed-size (static) cache holds per layer; None if it grows."""
-    layers = getattr(_layer_cache(cache, "self"), "layers", None)
-    if not layers or not hasattr(layers[0], "max_cache_len"):
-        return None
-    return int(layers[0].max_cache_len)
-
-
-def _make_room(cache: Any, layer: int, count: int) -> None:
-    """A fixed-size (static) cache layer gets ``count`` more slots for the prefix,
-    which ``generate`` did not plan for. Possible only before the layer allocates."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or layer >= len(layers) or not hasattr(layers[layer], "max_cache_len"):
-        return
-    target = layers[layer]
-    if getattr(target, "is_initialized", False):
-        raise ValueError(
-            f"{type(cache).__name__} layer {layer} is already allocated "
-            f"({target.max_cache_len} slots), so it has no room for the prefix's {count} "
-            "tokens; let generate() create the cache, or allocate it after attaching"
-        )
-    target.max_cache_len += count

@@ -1,0 +1,50 @@
+"""What prompthooks needs to know about transformers' key/value caches.
+
+Encoder-decoder caches hold a self-attention and a cross-attention cache;
+fixed-size (static) caches allocate ``max_cache_len`` slots per layer on their
+first update, sized by ``generate`` for the user's tokens only, so prompts
+that add positions must enlarge them before that first update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def layer_cache(cache: Any, role: str) -> Any:
+    """The part of a (possibly encoder-decoder) cache that one attention role updates."""
+    if role == "cross":
+        return getattr(cache, "cross_attention_cache", None)
+    return getattr(cache, "self_attention_cache", cache)
+
+
+def capacity(cache: Any) -> int | None:
+    """How many keys a fixed-size (static) cache holds per layer; None if it grows."""
+    layers = getattr(layer_cache(cache, "self"), "layers", None)
+    if not layers or not hasattr(layers[0], "max_cache_len"):
+        return None
+    return int(layers[0].max_cache_len)
+
+
+def make_room(cache: Any, layer: int, count: int) -> None:
+    """A fixed-size cache layer gets ``count`` more slots, which ``generate`` did
+    not plan for. Possible only before the layer allocates; growing caches are
+    left alone."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers) or not hasattr(layers[layer], "max_cache_len"):
+        return
+    target = layers[layer]
+    if getattr(target, "is_initialized", False):
+        raise ValueError(
+            f"{type(cache).__name__} layer {layer} is already allocated "
+            f"({target.max_cache_len} slots), so it has no room for the prompt's {count} "
+            "tokens; let generate() create the cache, or allocate it after attaching"
+        )
+    target.max_cache_len += count
+
+
+def make_room_everywhere(cache: Any, count: int) -> None:
+    """``make_room`` on every layer of a decoder cache."""
+    target = layer_cache(cache, "self")
+    for layer in range(len(getattr(target, "layers", ()))):
+        make_room(target, layer, count)
