@@ -109,13 +109,14 @@ def test_sampling_and_beam_search_run_with_expanded_rows(arch: str, method: str)
         assert torch.equal(beams[::2, : ids.shape[1]], ids)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", GEN_ARCHS)
-def test_prefix_static_cache_equals_dynamic_cache(arch: str) -> None:
-    """generate sizes a static cache for the user's tokens; the prefix needs P
+def test_static_cache_equals_dynamic_cache(arch: str, method: str) -> None:
+    """generate sizes a static cache for the user's tokens; a prompt needs P
     more slots (PEFT fails here)."""
     model = tiny(arch)
     ids, mask = batch(arch, [6, 3, 5], seed=11)
-    with ph.attach(model, spec("prefix", 4)):
+    with ph.attach(model, spec(method, 4)):
         dynamic = _generate(model, ids, mask, do_sample=False)
         static = _generate(model, ids, mask, do_sample=False, cache_implementation="static")
         beams = _generate(model, ids, mask, num_beams=3, cache_implementation="static")

@@ -159,11 +159,13 @@ def test_mixed_batch_errors_name_the_fix() -> None:
             model(input_ids=ids, attention_mask=mask)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
-def test_mixed_prefixes_static_cache_equals_dynamic(arch: str) -> None:
+def test_mixed_static_cache_equals_dynamic(arch: str, family: str) -> None:
     model = tiny(arch)
     ids, mask = batch(arch, [6, 3, 5], seed=3)
-    prompts = _prompts(model, [2, 5, 3], ["prefix", "ptv2", "prefix"])
+    first, second = FAMILIES[family]
+    prompts = _prompts(model, [2, 5, 3], [first, second, first])
     kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5}
     with ph.attach(model, prompts) as att, att.use(["a", "b", "c"]):
         for beams in (1, 2):

@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from ..kernels import splice_tokens
 from ..locators.base import Located
 from .bank import PromptBank
+from .caches import make_room_everywhere
 from .layout import (
     insert,
     insert_per_row,
@@ -165,6 +166,8 @@ class SoftPromptHooks:
         if ids is not None and bool((ids >= self.vocab_size).any()):
             return None  # the user placed virtual ids themselves (a template)
         mask = kw.get("attention_mask")
+        if mask is not None and mask.ndim == 4:
+            mask = padding_from_4d(mask, x.shape[1])
         if mask is not None and mask.ndim != 2:
             raise ValueError(
                 f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
@@ -261,7 +264,12 @@ class SoftPromptHooks:
         else:
             kw["inputs_embeds"] = insert(x, at, prompt.table())
         mask = kw.get("attention_mask")
-        if mask is not None:
+        if mask is not None and mask.ndim == 4:  # generate with a static cache
+            make_room_everywhere(cache, count)
+            lengthened = insert(padding_from_4d(mask, x.shape[1]), at, mask.new_ones(count))
+            kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1] + count, 0)
+            mask = lengthened
+        elif mask is not None:
             kw["attention_mask"] = mask = insert(mask, at, mask.new_ones(count))
         positions = kw.get("position_ids")
         if positions is not None:
@@ -294,7 +302,13 @@ class SoftPromptHooks:
         mask = kw.get("attention_mask")
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
+        if mask.ndim == 4:  # generate with a static cache
+            make_room_everywhere(cache, width)
+            lengthened = self._lengthen_mask(padding_from_4d(mask, x.shape[1]), at, mixed)
+            kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1] + width, 0)
+            mask = lengthened
+        else:
+            kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
         positions = kw.get("position_ids")
         if positions is not None:
             kw["position_ids"] = shift_positions_per_row(positions, at, counts, width, front)
@@ -329,7 +343,13 @@ class SoftPromptHooks:
             count = max(past + new - mask.shape[1], 0) if mask is not None else 0
         if count == 0:
             return None
-        if mask is not None and mask.shape[1] == past + new - count:
+        if mask is not None and mask.ndim == 4:  # generate with a static cache
+            valid = padding_from_4d(mask, mask.shape[-1])  # keys valid in the user's view
+            at = insertion_points(valid, valid.shape[0], self.located.cls_first, valid.device)
+            lengthened = insert(valid, at, valid.new_ones(count))[:, : mask.shape[-1]]
+            kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1], past)
+            mask = None
+        elif mask is not None and mask.shape[1] == past + new - count:
             at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
             kw["attention_mask"] = mask = insert(mask, at, mask.new_ones(count))
         positions = kw.get("position_ids")
@@ -344,7 +364,13 @@ class SoftPromptHooks:
     ) -> Any:
         mask = kw.get("attention_mask")
         user = past + new - mixed.width - self.bank.prefix_width(cache)
-        if mask is not None and mask.shape[1] == user:
+        if mask is not None and mask.ndim == 4:  # generate with a static cache
+            valid = padding_from_4d(mask, mask.shape[-1])
+            at = insertion_points(valid, valid.shape[0], self.located.cls_first, valid.device)
+            lengthened = self._lengthen_mask(valid, at, mixed)[:, : mask.shape[-1]]
+            kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1], past)
+            mask = None
+        elif mask is not None and mask.shape[1] == user:
             at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
             kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
         positions = kw.get("position_ids")
@@ -427,3 +453,28 @@ def _strip_any(value: Any, ins: Insertion) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim >= 3:
         return _strip_dim(value, ins, 1)
     return value
+
+
+def padding_from_4d(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The 2-D padding mask behind a 4-D mask that ``generate`` built for a static
+    cache: the last query row sees every real key up to itself."""
+    row = mask[:, 0, -1, :length]
+    valid = row if row.dtype == torch.bool else row == 0
+    return valid.long()
+
+
+def causal_4d(valid: torch.Tensor, like: torch.Tensor, width: int, past: int) -> torch.Tensor:
+    """A 4-D mask in ``like``'s format: query i (at cache position ``past + i``)
+    sees key j when ``j <= past + i`` and ``valid[b, j]``; ``width`` keys."""
+    queries = like.shape[-2] if past else valid.shape[1]
+    keys = torch.arange(width, device=valid.device)
+    rows = torch.arange(queries, device=valid.device).unsqueeze(1) + past
+    padded = torch.zeros(valid.shape[0], width, dtype=torch.bool, device=valid.device)
+    padded[:, : valid.shape[1]] = valid[:, :width].bool()
+    allowed = (keys.unsqueeze(0) <= rows)[None, None] & padded[:, None, None, :]
+    if like.dtype == torch.bool:
+        return allowed
+    blocked = torch.finfo(like.dtype).min
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+        ~allowed, blocked
+    )
