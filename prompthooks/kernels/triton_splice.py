@@ -1,0 +1,109 @@
+"""Token splice in Triton: one pass over the embedding output.
+
+Each program copies one block of one token's vector: the prompt-table row (cast
+to the embedding dtype beforehand, a P x hidden copy) when
+the token's id is virtual (``>= vocab_size``), the embedding otherwise. No index
+of virtual positions is ever built. Backward writes the embedding gradient
+(zero at virtual positions) and adds each virtual position's gradient into its
+table row with atomics, in fp32, so rows used several times add up.
+
+Imported only when Triton is installed; chosen by ``kernels.splice_tokens``
+for CUDA tensors (or when forced). Tested on CPU with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _splice_forward(
+    embeds_ptr: Any,
+    ids_ptr: Any,
+    table_ptr: Any,
+    out_ptr: Any,
+    hidden: Any,
+    vocab: Any,
+    BLOCK: tl.constexpr,
+) -> None:
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < hidden
+    tid = tl.load(ids_ptr + token)
+    if tid >= vocab:
+        values = tl.load(table_ptr + (tid - vocab) * hidden + cols, mask=inside)
+    else:
+        values = tl.load(embeds_ptr + token * hidden + cols, mask=inside)
+    tl.store(out_ptr + token * hidden + cols, values, mask=inside)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _splice_backward(
+    grad_out_ptr: Any,
+    ids_ptr: Any,
+    grad_embeds_ptr: Any,
+    grad_table_ptr: Any,
+    hidden: Any,
+    vocab: Any,
+    BLOCK: tl.constexpr,
+) -> None:
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < hidden
+    tid = tl.load(ids_ptr + token)
+    grad = tl.load(grad_out_ptr + token * hidden + cols, mask=inside)
+    if tid >= vocab:
+        row = grad_table_ptr + (tid - vocab) * hidden + cols
+        tl.atomic_add(row, grad.to(tl.float32), mask=inside)
+        grad = tl.zeros_like(grad)
+    tl.store(grad_embeds_ptr + token * hidden + cols, grad, mask=inside)
+
+
+def _grid(tokens: int, hidden: int) -> tuple[int, int]:
+    return (tokens, triton.cdiv(hidden, BLOCK))
+
+
+class _Splice(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, embeds: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, vocab: int
+    ) -> torch.Tensor:
+        hidden = embeds.shape[-1]
+        flat_ids = ids.reshape(-1).contiguous()
+        flat = embeds.reshape(-1, hidden).contiguous()
+        out = torch.empty_like(flat)
+        # Cast the (small) table with torch, so rounding matches the reference path.
+        table_c = table.to(embeds.dtype).contiguous()
+        _splice_forward[_grid(flat.shape[0], hidden)](
+            flat, flat_ids, table_c, out, hidden, vocab, BLOCK=BLOCK
+        )
+        ctx.save_for_backward(flat_ids)
+        ctx.vocab, ctx.table_shape, ctx.table_dtype = vocab, table.shape, table.dtype
+        ctx.embeds_shape = embeds.shape
+        return out.view(embeds.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, None]:
+        (flat_ids,) = ctx.saved_tensors
+        hidden = grad_out.shape[-1]
+        flat = grad_out.reshape(-1, hidden).contiguous()
+        grad_embeds = torch.empty_like(flat)
+        grad_table = torch.zeros(ctx.table_shape, dtype=torch.float32, device=flat.device)
+        _splice_backward[_grid(flat.shape[0], hidden)](
+            flat, flat_ids, grad_embeds, grad_table, hidden, ctx.vocab, BLOCK=BLOCK
+        )
+        return grad_embeds.view(ctx.embeds_shape), None, grad_table.to(ctx.table_dtype), None
+
+
+def splice_tokens_triton(
+    embeds: torch.Tensor, input_ids: torch.Tensor, table: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """Same contract as the torch reference ``splice_tokens``."""
+    out: torch.Tensor = _Splice.apply(embeds, input_ids, table, vocab_size)  # type: ignore[no-untyped-call]
+    return out
