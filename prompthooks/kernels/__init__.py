@@ -1,6 +1,6 @@
 """The hot operations, behind one dispatch point each.
 
-``splice_tokens`` runs the Triton kernel for CUDA tensors when Triton is
+``splice_tokens`` and ``prefix_concat`` run the Triton kernels for CUDA tensors when Triton is
 installed, and the torch reference everywhere else. ``PROMPTHOOKS_KERNELS``
 (``auto``, ``torch`` or ``triton``) or the ``backend`` argument force a path,
 for tests (Triton's interpreter runs on CPU with ``TRITON_INTERPRET=1``) and
@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from .concat import prefix_concat as prefix_concat_torch
 from .splice import splice_tokens as splice_tokens_torch
 
 Backend = Literal["auto", "torch", "triton"]
@@ -50,4 +51,15 @@ def splice_tokens(
     return splice_tokens_torch(embeds, input_ids, table, vocab_size)
 
 
-__all__ = ["choose", "splice_tokens", "splice_tokens_torch"]
+def prefix_concat(
+    prefix: torch.Tensor, states: torch.Tensor, backend: Backend | None = None
+) -> torch.Tensor:
+    """``[prefix ; states]`` along the sequence (see ``concat.py`` for the shapes)."""
+    if choose(states, backend) == "triton":
+        from .triton_concat import prefix_concat_triton
+
+        return prefix_concat_triton(prefix, states)
+    return prefix_concat_torch(prefix, states)
+
+
+__all__ = ["choose", "prefix_concat", "prefix_concat_torch", "splice_tokens", "splice_tokens_torch"]

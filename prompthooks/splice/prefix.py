@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..kernels import prefix_concat
 from ..locators.base import AttentionSite, Located, Role
 from ..methods.prefix_tuning import Prefix
 from .bank import PromptBank
@@ -62,15 +63,13 @@ class PrefixedKV:
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # (H, P, D) shared by every row, or (B, H, W, D) per row
         self.keys, self.values = keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            torch.cat([self.keys, key_states], dim=-2),
-            torch.cat([self.values, value_states], dim=-2),
-        )
+        return prefix_concat(self.keys, key_states), prefix_concat(self.values, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.keys.shape[-2])
@@ -401,11 +400,7 @@ class PrefixHooks:
                     keys, values = self._build(batch)[1][index]
                 cache = kw.get(site.cache_arg)
                 if cache is None:
-                    k, v = (
-                        _batched(keys, batch, hidden.dtype),
-                        _batched(values, batch, hidden.dtype),
-                    )
-                    kw[site.cache_arg] = PrefixedKV(k, v)
+                    kw[site.cache_arg] = PrefixedKV(keys, values)
                 else:  # a cache the model made inside its forward: keep the prefix in it
                     self._write(cache, site, keys, values, batch, hidden.dtype)
             mask = kw.get(site.mask_arg)
