@@ -64,7 +64,12 @@ from pathlib import Path
 import peft
 import torch
 import transformers as tf
-from overhead import build_model, kv_shape  # same directory: the configs of the training benchmark
+from overhead import (  # same directory: the configs of the training benchmark
+    build_model,
+    kv_shape,
+    report_load,
+    versions,
+)
 from peft import PrefixTuningConfig, get_peft_model
 from torch import nn
 
@@ -376,21 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} b{batch}: tokens prompthooks == peft: {same}")
             print(f"  {comparison(by, 'prompthooks', 'peft')}")
             print(f"  {comparison(by, 'prompthooks', 'base+P')}")
-    load_after = os.getloadavg()[0]
-    print(
-        f"total {total:.1f} s; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
-    )
-    if max(load_before, load_after) > torch.get_num_threads() + 0.5:
-        print("warning: the machine looks busy; timings may be noisy")
+    load_after = report_load(total, load_before)
 
     if args.json is not None:
         payload = {
             "header": header,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": tf.__version__,
-                "peft": peft.__version__,
-            },
+            "versions": versions(),
             "threads": torch.get_num_threads(),
             "shapes": {
                 "prompt": PROMPT,

@@ -97,6 +97,22 @@ class Result:
         return self.q3_ms - self.q1_ms
 
 
+def versions() -> dict[str, str]:
+    """The library versions a result was measured with."""
+    return {"torch": torch.__version__, "transformers": tf.__version__, "peft": peft.__version__}
+
+
+def report_load(total: float, load_before: float) -> float:
+    """Print the run time and the machine's load before and after; return the latter."""
+    load_after = os.getloadavg()[0]
+    print(
+        f"total {total:.1f} s; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
+    )
+    if max(load_before, load_after) > torch.get_num_threads() + 0.5:
+        print("warning: the machine looks busy; timings may be noisy")
+    return load_after
+
+
 def build_model(name: str) -> nn.Module:
     """A random-weight model in train mode with no dropout and sdpa attention."""
     torch.manual_seed(0)
@@ -530,21 +546,12 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(ours) / statistics.median(theirs)
             paired = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
             print(f"{method} / {name}: prompthooks / peft = {ratio:.3f} (paired {paired:.3f})")
-    load_after = os.getloadavg()[0]
-    print(
-        f"total {total:.1f} s; 1-min load average {load_before:.2f} before, {load_after:.2f} after"
-    )
-    if max(load_before, load_after) > torch.get_num_threads() + 0.5:
-        print("warning: the machine looks busy; timings may be noisy")
+    load_after = report_load(total, load_before)
 
     if args.json is not None:
         payload = {
             "header": header,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": tf.__version__,
-                "peft": peft.__version__,
-            },
+            "versions": versions(),
             "threads": torch.get_num_threads(),
             "shapes": {"batch": BATCH, "length": LENGTH, "num_virtual_tokens": P},
             "methods": args.methods,
