@@ -205,12 +205,9 @@ class PrefixHooks:
             return PrefixRows(count, None, count, offset), prefix.key_values()
         # Rows whose prompt is a soft prompt (served by the token hooks) get no prefix:
         # all their slots are masked.
-        distinct = [n for n in dict.fromkeys(rows) if isinstance(self.bank.prompts[n], Prefix)]
-        prefixes: list[Prefix] = []
-        for name in distinct:
-            prompt = self.bank.prompts[name]
-            assert isinstance(prompt, Prefix)
-            prefixes.append(prompt)
+        named = {n: self.bank.prompts[n] for n in dict.fromkeys(rows)}
+        prefixes = [p for p in named.values() if isinstance(p, Prefix)]
+        distinct = [n for n, p in named.items() if isinstance(p, Prefix)]
         per_prefix = [p.key_values() for p in prefixes]
         width = max(p.num_virtual_tokens for p in prefixes)
         device = per_prefix[0][0][0].device
