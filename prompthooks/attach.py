@@ -103,22 +103,39 @@ class Attachment:
         return self.bank.virtual_ids(name)
 
     @contextmanager
-    def use(self, name: str | Sequence[str]) -> Iterator[None]:
+    def use(
+        self, name: str | Sequence[str] | None = None, *, template: bool | None = None
+    ) -> Iterator[None]:
         """Select which attached prompt forward calls insert: one name for the
         whole batch, or a list with one name per row (a mixed batch; rows
-        repeated by ``generate`` for beams follow their row)."""
-        names = [name] if isinstance(name, str) else list(name)
-        if not names:
-            raise ValueError("att.use() needs a prompt name or a non-empty list of names")
-        for n in names:
-            if n not in self.bank.prompts:
-                raise KeyError(f"no prompt named {n!r}; attached: {self.names}")
-        selected: str | tuple[str, ...] = names[0] if len(set(names)) == 1 else tuple(names)
-        before, self.bank.selected = self.bank.selected, selected
+        repeated by ``generate`` for beams follow their row). ``None`` keeps
+        the current selection.
+
+        ``template`` says whether inputs already hold virtual ids (``True``:
+        nothing is inserted) or never do (``False``: the prompt is inserted).
+        Left ``None``, each call looks at its ``input_ids`` to decide, which
+        reads them on the host; under ``torch.compile`` it cannot, so there an
+        undeclared input is taken to hold none and checked on the device.
+        """
+        selected = self.bank.selected
+        if name is not None:
+            names = [name] if isinstance(name, str) else list(name)
+            if not names:
+                raise ValueError("att.use() needs a prompt name or a non-empty list of names")
+            for n in names:
+                if n not in self.bank.prompts:
+                    raise KeyError(f"no prompt named {n!r}; attached: {self.names}")
+            selected = names[0] if len(set(names)) == 1 else tuple(names)
+        if template is not None and not isinstance(template, bool):
+            raise TypeError(f"template must be True, False or None, got {template!r}")
+        before = self.bank.selected, self.bank.template
+        self.bank.selected = selected
+        if template is not None:
+            self.bank.template = template
         try:
             yield
         finally:
-            self.bank.selected = before
+            self.bank.selected, self.bank.template = before
 
     def detach(self) -> None:
         """Remove every hook and the prompt module; restore ``requires_grad``. Idempotent."""

@@ -1,39 +1,35 @@
 """The hot operations, behind one dispatch point each.
 
-``splice_tokens`` and ``prefix_concat`` run the Triton kernels for CUDA tensors when Triton is
-installed, and the torch reference everywhere else. ``PROMPTHOOKS_KERNELS``
-(``auto``, ``torch`` or ``triton``) or the ``backend`` argument force a path,
-for tests (Triton's interpreter runs on CPU with ``TRITON_INTERPRET=1``) and
-benchmarks.
+``splice_tokens`` and ``prefix_concat`` are PyTorch custom ops (``ops.py``), so
+``torch.compile`` treats each as one opaque operator. When they run they take
+the Triton kernels for CUDA tensors if Triton is installed, and the torch
+reference everywhere else. Eager calls that take the reference path skip the
+op dispatch (it costs 30-60 us a call, which a layer-by-layer prefix pays
+twice per layer) and run the same reference under torch's own autograd.
+``PROMPTHOOKS_KERNELS`` (``auto``, ``torch`` or
+``triton``) or the ``backend`` argument force a path, for tests (Triton's
+interpreter runs on CPU with ``TRITON_INTERPRET=1``) and benchmarks.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Literal
-
 import torch
 
-from .concat import prefix_concat as prefix_concat_torch
-from .splice import splice_tokens as splice_tokens_torch
+from . import ops
+from .choice import Backend, choose
+from .concat import concat_forward
+from .splice import splice_forward
 
-Backend = Literal["auto", "torch", "triton"]
-_TRITON = importlib.util.find_spec("triton") is not None
+
+def _checked(backend: Backend | None) -> str:
+    if backend not in (None, "auto", "torch", "triton"):
+        raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
+    return backend or ""
 
 
-def choose(tensor: torch.Tensor, backend: Backend | None = None) -> Literal["torch", "triton"]:
-    """The path a call on ``tensor`` takes."""
-    wanted = backend or os.environ.get("PROMPTHOOKS_KERNELS", "auto")
-    if wanted not in ("auto", "torch", "triton"):
-        raise ValueError(f"PROMPTHOOKS_KERNELS must be auto, torch or triton, got {wanted!r}")
-    if wanted == "triton":
-        if not _TRITON:
-            raise RuntimeError("the Triton path was requested but triton is not installed")
-        return "triton"
-    if wanted == "auto" and _TRITON and tensor.is_cuda:
-        return "triton"
-    return "torch"
+def _eager_reference(tensor: torch.Tensor, backend: Backend | None) -> bool:
+    _checked(backend)
+    return not torch.compiler.is_compiling() and choose(tensor, backend) == "torch"
 
 
 def splice_tokens(
@@ -43,23 +39,25 @@ def splice_tokens(
     vocab_size: int,
     backend: Backend | None = None,
 ) -> torch.Tensor:
-    """Rows of ``embeds`` at virtual ids (``>= vocab_size``) replaced by rows of ``table``."""
-    if choose(embeds, backend) == "triton":
-        from .triton_splice import splice_tokens_triton
-
-        return splice_tokens_triton(embeds, input_ids, table, vocab_size)
-    return splice_tokens_torch(embeds, input_ids, table, vocab_size)
+    """Rows of ``embeds`` at virtual ids (``>= vocab_size``) replaced by rows of
+    ``table`` (cast to ``embeds``' dtype). Backward adds each virtual position's
+    gradient into its table row."""
+    if _eager_reference(embeds, backend):
+        return splice_forward(embeds, input_ids, table, vocab_size)
+    out: torch.Tensor = ops.splice_tokens(embeds, input_ids, table, vocab_size, _checked(backend))
+    return out
 
 
 def prefix_concat(
     prefix: torch.Tensor, states: torch.Tensor, backend: Backend | None = None
 ) -> torch.Tensor:
-    """``[prefix ; states]`` along the sequence (see ``concat.py`` for the shapes)."""
-    if choose(states, backend) == "triton":
-        from .triton_concat import prefix_concat_triton
+    """``[prefix ; states]`` along the sequence: ``prefix`` ``(H, P, D)`` shared or
+    ``(B, H, P, D)`` per row, ``states`` ``(B, H, L, D)``. Backward reduces a shared
+    prefix's gradient over the batch."""
+    if _eager_reference(states, backend):
+        return concat_forward(prefix, states)
+    out: torch.Tensor = ops.prefix_concat(prefix, states, _checked(backend))
+    return out
 
-        return prefix_concat_triton(prefix, states)
-    return prefix_concat_torch(prefix, states)
 
-
-__all__ = ["choose", "prefix_concat", "prefix_concat_torch", "splice_tokens", "splice_tokens_torch"]
+__all__ = ["Backend", "choose", "prefix_concat", "splice_tokens"]

@@ -2,8 +2,9 @@
 
 This is the torch reference path, correct on any device. ``prefix`` is
 ``(H, P, D)`` shared by every row or ``(B, H, P, D)`` per row (mixed
-batches); ``states`` is ``(B, H, L, D)``; the result is ``(B, H, P + L, D)``.
-Backward (autograd of ``cat``) reduces over the batch into a shared prefix.
+batches); ``states`` is ``(B, H, L, D)``; the result is ``(B, H, P + L, D)``
+in ``states``' dtype. The backward (``ops.py``) needs no kernel: slices of the
+output gradient, summed over the batch for a shared prefix.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def prefix_concat(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+def concat_forward(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     prefix = prefix.to(states.dtype)
     if prefix.ndim == 3:
         prefix = prefix.unsqueeze(0).expand(states.shape[0], -1, -1, -1)

@@ -2,9 +2,8 @@
 
 Each program writes one block of one output vector ``out[b, h, s]``: from the
 prefix when ``s < P`` (the same prefix row for every ``b`` when it is shared,
-so it is never expanded in memory), from ``states`` otherwise. Backward needs
-no kernel: the states' gradient is a slice of the output gradient and a shared
-prefix's gradient is its sum over the batch.
+so it is never expanded in memory), from ``states`` otherwise. The backward
+needs no kernel (see ``ops.py``).
 """
 
 from __future__ import annotations
@@ -45,33 +44,15 @@ def _concat_forward(
     tl.store(out_ptr + vector * dim + cols, tl.load(source + cols, mask=inside), mask=inside)
 
 
-class _Concat(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        batch, heads, length, dim = states.shape
-        count = prefix.shape[-2]
-        shared = prefix.ndim == 3
-        states_c = states.contiguous()
-        prefix_c = prefix.to(states.dtype).contiguous()
-        out = torch.empty(
-            batch, heads, count + length, dim, dtype=states.dtype, device=states.device
-        )
-        grid = (batch * heads * (count + length), triton.cdiv(dim, BLOCK))
-        _concat_forward[grid](
-            prefix_c, states_c, out, heads, count, length, dim, shared=shared, BLOCK=BLOCK
-        )
-        ctx.count, ctx.shared, ctx.prefix_dtype = count, shared, prefix.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_prefix = grad[:, :, : ctx.count]
-        if ctx.shared:
-            grad_prefix = grad_prefix.sum(0)
-        return grad_prefix.to(ctx.prefix_dtype), grad[:, :, ctx.count :]
-
-
 def prefix_concat_triton(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """Same contract as the torch reference ``prefix_concat``."""
-    out: torch.Tensor = _Concat.apply(prefix, states)  # type: ignore[no-untyped-call]
+    """Same contract as the reference ``concat_forward``."""
+    batch, heads, length, dim = states.shape
+    count = prefix.shape[-2]
+    states_c = states.contiguous()
+    prefix_c = prefix.to(states.dtype).contiguous()
+    out = torch.empty(batch, heads, count + length, dim, dtype=states.dtype, device=states.device)
+    grid = (batch * heads * (count + length), triton.cdiv(dim, BLOCK))
+    _concat_forward[grid](
+        prefix_c, states_c, out, heads, count, length, dim, shared=prefix.ndim == 3, BLOCK=BLOCK
+    )
     return out

@@ -69,41 +69,32 @@ def _grid(tokens: int, hidden: int) -> tuple[int, int]:
     return (tokens, triton.cdiv(hidden, BLOCK))
 
 
-class _Splice(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, embeds: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, vocab: int
-    ) -> torch.Tensor:
-        hidden = embeds.shape[-1]
-        flat_ids = ids.reshape(-1).contiguous()
-        flat = embeds.reshape(-1, hidden).contiguous()
-        out = torch.empty_like(flat)
-        # Cast the (small) table with torch, so rounding matches the reference path.
-        table_c = table.to(embeds.dtype).contiguous()
-        _splice_forward[_grid(flat.shape[0], hidden)](
-            flat, flat_ids, table_c, out, hidden, vocab, BLOCK=BLOCK
-        )
-        ctx.save_for_backward(flat_ids)
-        ctx.vocab, ctx.table_shape, ctx.table_dtype = vocab, table.shape, table.dtype
-        ctx.embeds_shape = embeds.shape
-        return out.view(embeds.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, None]:
-        (flat_ids,) = ctx.saved_tensors
-        hidden = grad_out.shape[-1]
-        flat = grad_out.reshape(-1, hidden).contiguous()
-        grad_embeds = torch.empty_like(flat)
-        grad_table = torch.zeros(ctx.table_shape, dtype=torch.float32, device=flat.device)
-        _splice_backward[_grid(flat.shape[0], hidden)](
-            flat, flat_ids, grad_embeds, grad_table, hidden, ctx.vocab, BLOCK=BLOCK
-        )
-        return grad_embeds.view(ctx.embeds_shape), None, grad_table.to(ctx.table_dtype), None
-
-
 def splice_tokens_triton(
     embeds: torch.Tensor, input_ids: torch.Tensor, table: torch.Tensor, vocab_size: int
 ) -> torch.Tensor:
-    """Same contract as the torch reference ``splice_tokens``."""
-    out: torch.Tensor = _Splice.apply(embeds, input_ids, table, vocab_size)  # type: ignore[no-untyped-call]
-    return out
+    """Same contract as the reference ``splice_forward``."""
+    hidden = embeds.shape[-1]
+    flat_ids = input_ids.reshape(-1).contiguous()
+    flat = embeds.reshape(-1, hidden).contiguous()
+    out = torch.empty_like(flat)
+    # Cast the (small) table with torch, so rounding matches the reference path.
+    table_c = table.to(embeds.dtype).contiguous()
+    _splice_forward[_grid(flat.shape[0], hidden)](
+        flat, flat_ids, table_c, out, hidden, vocab_size, BLOCK=BLOCK
+    )
+    return out.view(embeds.shape)
+
+
+def splice_backward_triton(
+    grad: torch.Tensor, input_ids: torch.Tensor, table_rows: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as the reference ``splice_backward``."""
+    hidden = grad.shape[-1]
+    flat_ids = input_ids.reshape(-1).contiguous()
+    flat = grad.reshape(-1, hidden).contiguous()
+    grad_embeds = torch.empty_like(flat)
+    grad_table = torch.zeros(table_rows, hidden, dtype=torch.float32, device=flat.device)
+    _splice_backward[_grid(flat.shape[0], hidden)](
+        flat, flat_ids, grad_embeds, grad_table, hidden, vocab_size, BLOCK=BLOCK
+    )
+    return grad_embeds.view(grad.shape), grad_table

@@ -29,6 +29,8 @@ class PromptBank:
         self.selected: str | tuple[str, ...] | None = (
             next(iter(prompts)) if len(prompts) == 1 else None
         )
+        # Whether inputs hold virtual ids already (``att.use(template=...)``); None: look.
+        self.template: bool | None = None
 
     def virtual_ids(self, name: str) -> list[int]:
         if name not in self.prompts:

@@ -7,8 +7,8 @@ reaches its attention sites:
   decoding loop). The prefix is written into the cache before the stack runs,
   so the model itself sees a past of length P: its masks, cache positions,
   static caches and T5's relative positions all come out right, and the
-  attention hooks have nothing to do, neither now nor on any later decode
-  step. Decoding costs what it costs the base model with P more cached tokens.
+  self-attention hooks return at once, now and on every later decode step.
+  Decoding costs what it costs the base model with P more cached tokens.
   The 2-D attention mask gets P leading ones (the prefix sits at the front of
   the cache, before any padding).
 * **proxy mode**: no cache (training, ``use_cache=False``, the T5 encoder,
@@ -90,6 +90,7 @@ class PrefixRows:
     keep: torch.Tensor | None  # (B, width) bool
     counts: torch.Tensor | int  # (B, 1): each row's prefix length
     offsets: torch.Tensor | int  # (B, 1): position shift of each row's real tokens
+    largest_offset: int  # the largest of ``offsets``, known without reading a tensor
 
 
 def _front(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
@@ -158,7 +159,6 @@ class PrefixHooks:
         self.prefixed: weakref.WeakKeyDictionary[Any, PrefixRows] = weakref.WeakKeyDictionary()
         self._takes_positions: dict[nn.Module, bool] = {}
         self._handles: list[RemovableHandle] = []
-        self._hooked: set[int] = set()  # sites whose attention hook is installed
         self._has_sites = {
             roles: any(s.role in roles for s in self.sites) for roles in (INPUT_SIDE, DECODER_SIDE)
         }
@@ -176,23 +176,17 @@ class PrefixHooks:
             self._handles.append(
                 decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True)
             )
-        # Cross-attention masks need widening on every call; self-attention hooks
-        # only in proxy mode. They are installed when first needed, so a model
-        # that only ever generates runs decode steps without them.
-        self._install_attention(lambda site: site.role == "cross")
-
-    def _install_attention(self, which: Callable[[AttentionSite], bool]) -> None:
+        # Every attention site gets its hook now, not when first needed: installing
+        # hooks inside a forward call would break a ``torch.compile`` graph. A hook
+        # with nothing to do (cache mode, decode steps) returns at once.
         for index, site in enumerate(self.sites):
-            if which(site) and index not in self._hooked:
-                hook = self._attention_hook(index, site)
-                self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
-                self._hooked.add(index)
+            hook = self._attention_hook(index, site)
+            self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._hooked = set()
 
     def _build(self, batch: int) -> tuple[PrefixRows, KeyValues]:
         """This call's layout and per-site keys/values (the prefixes run once each)."""
@@ -202,7 +196,7 @@ class PrefixHooks:
             assert isinstance(prefix, Prefix)
             count = prefix.num_virtual_tokens
             offset = count if prefix.shift_positions else 0
-            return PrefixRows(count, None, count, offset), prefix.key_values()
+            return PrefixRows(count, None, count, offset, offset), prefix.key_values()
         # Rows whose prompt is a soft prompt (served by the token hooks) get no prefix:
         # all their slots are masked.
         named = {n: self.bank.prompts[n] for n in dict.fromkeys(rows)}
@@ -229,7 +223,9 @@ class PrefixHooks:
         shifts = shifts[pick]
         keep = torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
         counts = lengths.unsqueeze(1)
-        return PrefixRows(width, keep, counts, counts * shifts.unsqueeze(1)), kv
+        largest = max(p.num_virtual_tokens if p.shift_positions else 0 for p in prefixes)
+        offsets = counts * shifts.unsqueeze(1)
+        return PrefixRows(width, keep, counts, offsets, largest), kv
 
     def width_in(self, cache: object) -> int:
         """Prefix slots ``cache`` holds in front of the tokens (0 if none)."""
@@ -314,11 +310,9 @@ class PrefixHooks:
                     kw["cache_position"] = kw["cache_position"] + width
             else:
                 self._proxy |= roles
-                if len(self._hooked) < len(self.sites):
-                    self._install_attention(lambda site: site.role in roles)
         if "cross" in roles:
             self._cross_count = width
-        self._check_length(module, user_past + new + _largest(rows.offsets))
+        self._check_length(module, user_past + new + rows.largest_offset)
         if self._stack_takes_positions(module):
             kw["position_ids"] = self._positions(kw, mask, user_past, new)
         return (), kw
@@ -446,10 +440,6 @@ def _batched(x: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
 def _right_aligned(x: torch.Tensor, width: int) -> torch.Tensor:
     """``(H, P, D)`` -> ``(H, width, D)`` with the prefix in the last P slots."""
     return nn.functional.pad(x, (0, 0, width - x.shape[1], 0))
-
-
-def _largest(x: torch.Tensor | int) -> int:
-    return int(x.max()) if isinstance(x, torch.Tensor) else x
 
 
 def _prepend_attend(

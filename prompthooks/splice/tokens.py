@@ -18,7 +18,6 @@ One forward call of a prompted model goes through these, in order:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -45,11 +44,32 @@ from .layout import (
 
 Kwargs = dict[str, Any]
 
+_TEMPLATE_WITHOUT_IDS = (
+    "att.use(template=True) was declared but input_ids hold no virtual ids: place "
+    "att.virtual_ids(name) in the input, or drop template=True"
+)
+_IDS_WITHOUT_TEMPLATE = (
+    "input_ids hold virtual ids (a template) but the call did not declare it: under "
+    "torch.compile, or with att.use(template=False), wrap the call in "
+    "`with att.use(template=True):`"
+)
 
-@functools.lru_cache(maxsize=256)
+
+# A plain dict, not ``functools.lru_cache``: ``torch.compile`` warns on (and
+# ignores) cache wrappers, while it reads a dict like any other Python state.
+_POSITIONAL_NAMES: dict[Any, tuple[str, ...] | None] = {}
+
+
 def _positional_names(forward_function: Any) -> tuple[str, ...] | None:
     """Names that positional arguments bind to (after ``self``), or ``None`` when
     the signature takes ``*args`` and needs a full bind."""
+    if forward_function in _POSITIONAL_NAMES:
+        return _POSITIONAL_NAMES[forward_function]
+    _POSITIONAL_NAMES[forward_function] = names = _signature_names(forward_function)
+    return names
+
+
+def _signature_names(forward_function: Any) -> tuple[str, ...] | None:
     names = []
     for param in list(inspect.signature(forward_function).parameters.values())[1:]:
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -120,9 +140,9 @@ class SoftPromptHooks:
         self.stack_takes_positions = "position_ids" in forward_params
         self._insertion: Insertion | None = None
         self._embed_ids: torch.Tensor | None = None
-        # Set by ``stack_pre`` when it already knows the ids hold virtual tokens,
-        # so ``embed_pre`` need not check again (one host sync fewer per call).
-        self._ids_hold_virtual = False
+        # Set by ``stack_pre``, which knows whether the ids hold virtual tokens,
+        # so ``embed_pre`` need not look (a host sync). None: not known.
+        self._ids_hold_virtual: bool | None = None
         # Virtual tokens inserted into the sequence that each live cache holds,
         # so decode steps know how far to shift masks and positions.
         self._inserted: weakref.WeakKeyDictionary[Any, int | Mixed] = weakref.WeakKeyDictionary()
@@ -163,8 +183,8 @@ class SoftPromptHooks:
         x = ids if ids is not None else embeds
         if x is None or past > 0:
             return None
-        if ids is not None and bool((ids >= self.vocab_size).any()):
-            return None  # the user placed virtual ids themselves (a template)
+        if ids is not None and self._is_template(ids):
+            return None  # the user placed virtual ids themselves
         mask = kw.get("attention_mask")
         if mask is not None and mask.ndim == 4:
             mask = padding_from_4d(mask, x.shape[1])
@@ -176,6 +196,21 @@ class SoftPromptHooks:
         name = self.bank.active()
         at = insertion_points(mask, x.shape[0], self.located.cls_first, x.device)
         return name, at
+
+    def _is_template(self, ids: torch.Tensor) -> bool:
+        """Do the ids already hold virtual ids (a template)? Declared with
+        ``att.use(template=...)``, else looked at: a host sync, which a
+        ``torch.compile`` graph cannot hold, so there an undeclared input is
+        taken to hold none and checked on the device instead."""
+        declared = self.bank.template
+        if declared is None and not torch.compiler.is_compiling():
+            return bool((ids >= self.vocab_size).any())
+        holds = (ids >= self.vocab_size).any()
+        if declared:
+            torch._assert_async(holds, _TEMPLATE_WITHOUT_IDS)
+            return True
+        torch._assert_async(~holds, _IDS_WITHOUT_TEMPLATE)
+        return False
 
     def _mixed(self, batch: int, device: torch.device) -> Mixed | None:
         """The per-row plan of a mixed batch (``att.use([...])``), else ``None``."""
@@ -230,8 +265,9 @@ class SoftPromptHooks:
     def stack_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         kw = bind_kwargs(module, args, kwargs)
         self._insertion = None
-        self._ids_hold_virtual = False
+        self._ids_hold_virtual = None
         if not self._tokens_active():
+            self._ids_hold_virtual = False  # ids the embedding cannot look up fail there
             return None
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
@@ -284,7 +320,7 @@ class SoftPromptHooks:
             kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
         if cache is not None:
             self._inserted[cache] = count
-        at_front = not self.located.cls_first and (mask is None or not bool(at.any()))
+        at_front = not self.located.cls_first and (mask is None or self._all_zero(at))
         self._insertion = Insertion(at, count, x.shape[1] + count, at_front)
         return (), kw
 
@@ -326,6 +362,12 @@ class SoftPromptHooks:
             self._inserted[cache] = mixed
         self._insertion = Insertion(at, width, x.shape[1] + width, False, mixed)
         return (), kw
+
+    @staticmethod
+    def _all_zero(at: torch.Tensor) -> bool:
+        """Every row's prompt goes first, so stripping can be a view. Looking is a
+        host sync, so compiled graphs skip it and strip by gathering."""
+        return not torch.compiler.is_compiling() and not bool(at.any())
 
     @staticmethod
     def _lengthen_mask(mask: torch.Tensor, at: torch.Tensor, mixed: Mixed) -> torch.Tensor:
@@ -382,11 +424,14 @@ class SoftPromptHooks:
 
     def embed_pre(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
         ids = args[0]
-        known, self._ids_hold_virtual = self._ids_hold_virtual, False
-        virtual = ids >= self.vocab_size
-        if not known and not bool(virtual.any()):
+        holds, self._ids_hold_virtual = self._ids_hold_virtual, None
+        if holds is None:  # the embedding was called on its own, not through the stack
+            # A compiled graph cannot look; ids it cannot look up fail in the embedding.
+            holds = not torch.compiler.is_compiling() and bool((ids >= self.vocab_size).any())
+        if not holds:
             self._embed_ids = None
             return None
+        virtual = ids >= self.vocab_size
         self._embed_ids = ids
         return (ids.masked_fill(virtual, 0), *args[1:])
 
@@ -416,8 +461,9 @@ class SoftPromptHooks:
             return None
         if isinstance(output, dict):  # transformers' ModelOutput
             for key in list(output.keys()):
-                stripped = self._strip_field(key, output[key], ins)
-                if stripped is not None:
+                value = output[key]
+                stripped = self._strip_field(key, value, ins)
+                if stripped is not None and stripped is not value:
                     output[key] = stripped
             return output
         if isinstance(output, tuple):
