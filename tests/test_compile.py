@@ -215,3 +215,35 @@ def test_op_backward_equals_the_reference_under_autograd(dtype: torch.dtype) -> 
         results.append((out.detach(), p.grad, s.grad))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_the_lstm_encoder_compiles_with_dynamos_rnn_switch() -> None:
+    """Dynamo leaves ``nn.LSTM`` out of its graphs unless ``allow_rnn`` is set
+    (torch's own switch, off by default). With it, P-tuning's LSTM encoder adds no
+    graph break and the compiled step equals eager."""
+    model, kw = training_model("gpt2"), training_batch("gpt2")
+    with torch._dynamo.config.patch(allow_rnn=True):
+        with ph.attach(model, ph.PTuning(3, encoder="lstm")):
+            breaks, ours = graph_breaks(lambda **k: loss_of(model, k), kw)
+        assert (breaks, ours) == (0, [])
+        eager, compiled = eager_and_compiled("gpt2", ph.PTuning(3, encoder="lstm"), "aot_eager")
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_switching_prompts_after_compiling_uses_the_new_prompt() -> None:
+    """The selection is Python state: a compiled model must follow it (dynamo
+    guards on it), never replay the graph of the previous prompt."""
+    model = tiny("llama")
+    att = ph.attach(
+        model, {"a": ph.PromptTuning(3), "b": ph.PrefixTuning(2), "c": ph.PromptTuning(5)}
+    )
+    ids, mask = batch("llama", [5, 3], seed=6)
+    compiled = torch.compile(model, backend="aot_eager")
+    for selection in ["a", "b", "c", ["a", "b"], "a"]:
+        with att.use(selection):
+            eager = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            out = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+    att.detach()
+    torch._dynamo.reset()

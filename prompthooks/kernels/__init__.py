@@ -3,9 +3,9 @@
 ``splice_tokens`` and ``prefix_concat`` are PyTorch custom ops (``ops.py``), so
 ``torch.compile`` treats each as one opaque operator. When they run they take
 the Triton kernels for CUDA tensors if Triton is installed, and the torch
-reference everywhere else. Eager calls that take the reference path skip the
-op dispatch (it costs 30-60 us a call, which a layer-by-layer prefix pays
-twice per layer) and run the same reference under torch's own autograd.
+reference everywhere else. Eager ``prefix_concat`` calls that take the
+reference path skip the op dispatch (it costs 30-60 us a call, and a prefix
+pays it twice per layer) and run the same reference under torch's own autograd.
 ``PROMPTHOOKS_KERNELS`` (``auto``, ``torch`` or
 ``triton``) or the ``backend`` argument force a path, for tests (Triton's
 interpreter runs on CPU with ``TRITON_INTERPRET=1``) and benchmarks.
@@ -18,7 +18,6 @@ import torch
 from . import ops
 from .choice import Backend, choose
 from .concat import concat_forward
-from .splice import splice_forward
 
 
 def _checked(backend: Backend | None) -> str:
@@ -42,8 +41,6 @@ def splice_tokens(
     """Rows of ``embeds`` at virtual ids (``>= vocab_size``) replaced by rows of
     ``table`` (cast to ``embeds``' dtype). Backward adds each virtual position's
     gradient into its table row."""
-    if _eager_reference(embeds, backend):
-        return splice_forward(embeds, input_ids, table, vocab_size)
     out: torch.Tensor = ops.splice_tokens(embeds, input_ids, table, vocab_size, _checked(backend))
     return out
 
