@@ -23,8 +23,8 @@ times the reference path against the copy floor on shapes that fit in memory,
 and runs each kernel once under Triton's CPU interpreter on a small shape,
 checking its output and gradients against the reference (``check`` column).
 
-    python benchmarks/kernels.py                 # CUDA if present, else CPU
-    python benchmarks/kernels.py --batches 1 8 64 --lengths 128 1024 4096   # GPU grid
+    python benchmarks/kernel_bandwidth.py   # CUDA if present, else CPU
+    python benchmarks/kernel_bandwidth.py --batches 1 8 64 --lengths 128 1024 4096   # GPU grid
 """
 
 from __future__ import annotations
