@@ -6,7 +6,7 @@ with ph.attach(model, ph.PromptTuning(20)) as att:
 """
 
 from .attach import Attachment, attach, tune
-from .io import load, load_peft
+from .io import CheckpointError, load, load_peft
 from .locators import (
     AttentionSite,
     Located,
@@ -22,6 +22,7 @@ from .templates import TemplateBatch, fill_template
 __all__ = [
     "Attachment",
     "AttentionSite",
+    "CheckpointError",
     "Located",
     "Locator",
     "PrefixTuning",

@@ -5,9 +5,13 @@ Only safetensors and JSON are read: no pickle, no remote code.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,77 @@ from .methods.p_tuning import PTuningPrompt
 from .methods.prefix_tuning import Prefix
 from .methods.prompt_tuning import PromptTable
 
-FORMAT = "prompthooks/1"
+FORMAT = "prompthooks/2"
+#: Files written by prompthooks 0.1-0.2: no checksum and no model record.
+LEGACY_FORMATS = ("prompthooks/1",)
+
+_METHODS: dict[str, type[SoftPrompt]] = {
+    cls.method: cls for cls in (PromptTable, PTuningPrompt, Prefix)
+}
+
+
+class CheckpointError(ValueError):
+    """A prompt file that cannot be used: truncated, corrupted, not a
+    prompthooks file, or inconsistent with itself. Raised before any model
+    is touched."""
+
+
+def _digest(config: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the config text and every tensor's name, dtype, shape and
+    bytes: a corrupted byte anywhere is found at load, not trained on."""
+    h = hashlib.sha256(config.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """Run ``write(temporary_path)``, flush it to disk, then rename it over
+    ``path`` in one step. If anything fails or the process dies first,
+    ``path`` keeps its previous content (a stray ``.{name}.*.tmp`` may remain
+    after a hard kill; it is never read)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes it private (0600)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)  # make the rename itself durable
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _mode_for(path: Path) -> int:
+    """Keep an existing file's permissions; new files get the usual 0666 & ~umask."""
+    if path.exists():
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms where a directory cannot be opened (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | None = None) -> None:
-    """Write prompts atomically: a crash mid-save leaves the old file intact."""
-    path = Path(path)
+    """Write prompts, their config, a checksum and a record of the model to one
+    safetensors file, atomically: a crash mid-save leaves the old file intact."""
     tensors = {
         f"{name}.{key}": value.detach().contiguous().cpu()
         for name, prompt in prompts.items()
@@ -34,41 +103,91 @@ def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | No
     }
     meta: dict[str, Any] = {"prompts": {n: p.config() for n, p in prompts.items()}}
     if located is not None:
-        meta["model"] = {"hidden_size": located.hidden_size, "vocab_size": located.vocab_size}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "config": json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        meta["model"] = located.fingerprint()
+    config = json.dumps(meta, sort_keys=True)
+    metadata = {"format": FORMAT, "config": config, "sha256": _digest(config, tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load(path: str | Path) -> dict[str, SoftPrompt]:
-    """Read prompts written by ``att.save``; attach the result with ``ph.attach``."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            found = metadata.get("format")
-            raise ValueError(f"{path} is not a prompthooks file (format {found!r})")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    meta = json.loads(metadata["config"])
-    prompts: dict[str, SoftPrompt] = {}
-    for name, config in meta["prompts"].items():
-        mine = f"{name}."
-        own = {k.removeprefix(mine): v for k, v in tensors.items() if k.startswith(mine)}
-        if config["method"] == PromptTable.method:
-            prompts[name] = PromptTable(own["weight"])
-        elif config["method"] == Prefix.method:
-            prompts[name] = Prefix.from_config(config, own)
-        elif config["method"] == PTuningPrompt.method:
-            prompts[name] = PTuningPrompt.from_config(config, own)
-        else:
-            raise ValueError(f"{path}: prompt {name!r} has unknown method {config['method']!r}")
+    """Read prompts written by ``att.save``; attach the result with ``ph.attach``.
+
+    Everything is checked before anything is returned: the file is complete
+    safetensors, its checksum matches, and every tensor has exactly the shape
+    its config says. Attaching then checks the model (see ``trained_for``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors reports every bad header its own way
+        raise CheckpointError(
+            f"{path} cannot be read as a safetensors file: it is truncated, corrupted or "
+            f"another format (pickle files are never read). Reader said: {e}"
+        ) from e
+    found = metadata.get("format")
+    if found != FORMAT and found not in LEGACY_FORMATS:
+        hint = " A PEFT adapter directory loads with ph.load_peft(directory)." if not found else ""
+        raise CheckpointError(f"{path} is not a prompthooks file (format {found!r}).{hint}")
+    config = metadata.get("config", "")
+    if found == FORMAT and metadata.get("sha256") != _digest(config, tensors):
+        raise CheckpointError(
+            f"{path} is corrupted: its checksum does not match its contents "
+            "(changed after it was written). Use an earlier copy."
+        )
+    try:
+        meta = json.loads(config)
+        entries = dict(meta["prompts"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} has an unreadable config: {e}") from e
+    if not entries:
+        raise CheckpointError(f"{path} holds no prompts")
+    claimed = {k for k in tensors if k.split(".", 1)[0] in entries}
+    if claimed != set(tensors):
+        raise CheckpointError(
+            f"{path} holds tensors of no listed prompt: {sorted(set(tensors) - claimed)}"
+        )
+    prompts = {name: _rebuild(path, name, config, tensors) for name, config in entries.items()}
+    for prompt in prompts.values():
+        prompt.trained_for = meta.get("model")
     return prompts
+
+
+def _rebuild(path: Path, name: str, config: Any, tensors: dict[str, torch.Tensor]) -> SoftPrompt:
+    """Build prompt ``name`` from its config and check the file's tensors
+    against the built module's own state dict, name by name and shape by shape."""
+    method = config.get("method") if isinstance(config, dict) else None
+    if method not in _METHODS:
+        raise CheckpointError(
+            f"{path}: prompt {name!r} has unknown method {method!r} (known: {sorted(_METHODS)})"
+        )
+    try:
+        prompt = _METHODS[method].from_config(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: prompt {name!r} has a bad {method} config: {e!r}") from e
+    own = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+    expected = prompt.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in own]
+    problems += [f"unexpected {k}" for k in own if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(own[k].shape)}, its config says {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    problems += [
+        f"{k} is {own[k].dtype}, not floating point"
+        for k in expected
+        if k in own and not own[k].is_floating_point()
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path}: prompt {name!r} does not match its config: " + "; ".join(problems)
+        )
+    prompt.load_state_dict(own, strict=True)
+    return prompt
 
 
 def load_peft(directory: str | Path) -> SoftPrompt:
@@ -84,19 +203,36 @@ def load_peft(directory: str | Path) -> SoftPrompt:
         raise FileNotFoundError(
             f"{weights_file} not found (only safetensors adapters are read, never pickle files)"
         )
-    config = json.loads(config_file.read_text())
-    peft_type = config.get("peft_type")
+    try:
+        config = json.loads(config_file.read_text())
+        peft_type = config.get("peft_type")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{config_file} is not a readable PEFT adapter config: {e!r}") from e
     if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise ValueError(
             f"{directory}: peft_type {peft_type!r} is not supported "
             "(PROMPT_TUNING, P_TUNING and PREFIX_TUNING are)"
         )
-    with safe_open(str(weights_file), framework="pt") as f:
-        if "prompt_embeddings" not in f.keys():
-            raise ValueError(f"{weights_file} has no 'prompt_embeddings' tensor")
-        table: torch.Tensor = f.get_tensor("prompt_embeddings")
-    n = int(config["num_virtual_tokens"])
-    submodules = int(config.get("num_transformer_submodules") or 1)
+    try:
+        n = int(config["num_virtual_tokens"])
+        submodules = int(config.get("num_transformer_submodules") or 1)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_file}: bad or missing num_virtual_tokens: {e!r}") from e
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            keys = set(f.keys())
+            table: torch.Tensor | None = (
+                f.get_tensor("prompt_embeddings") if "prompt_embeddings" in keys else None
+            )
+    except Exception as e:  # safetensors reports every bad header its own way
+        raise CheckpointError(
+            f"{weights_file} cannot be read as a safetensors file: it is truncated, "
+            f"corrupted or another format. Reader said: {e}"
+        ) from e
+    if table is None:
+        raise CheckpointError(f"{weights_file} has no 'prompt_embeddings' tensor")
+    if not table.is_floating_point():
+        raise CheckpointError(f"{weights_file}: prompt_embeddings is {table.dtype}")
     if peft_type == "PREFIX_TUNING":
         return _peft_prefix(config, table, n, submodules, weights_file)
     if table.ndim != 2 or table.shape[0] != n * submodules:
@@ -151,7 +287,12 @@ def peft_task_type(model: torch.nn.Module) -> str:
 def save_peft(
     prompt: SoftPrompt, directory: str | Path, located: Located, *, task_type: str | None = None
 ) -> None:
-    """Write ``prompt`` as a PEFT prompt-learning adapter (see ``Attachment.save_peft``)."""
+    """Write ``prompt`` as a PEFT prompt-learning adapter (see ``Attachment.save_peft``).
+
+    PEFT stores only the encoder's output, so P-tuning prompts are written as
+    P_TUNING adapters holding their exported table; PEFT loads them for
+    inference (its encoder is not rebuilt in inference mode)."""
+    p_tuning = prompt.settings if isinstance(prompt, PTuningPrompt) else None
     prompt = prompt.export()
     task = task_type or peft_task_type(located.model)
     heads = {s.num_kv_heads for s in located.sites}
@@ -186,19 +327,27 @@ def save_peft(
     elif isinstance(prompt, PromptTable):
         submodules = 2 if located.is_encoder_decoder else 1
         config.update(
-            peft_type="PROMPT_TUNING",
             token_dim=prompt.hidden_size,
             num_transformer_submodules=submodules,
-            prompt_tuning_init="RANDOM",
         )
+        if p_tuning is None:
+            config.update(peft_type="PROMPT_TUNING", prompt_tuning_init="RANDOM")
+        else:
+            config.update(
+                peft_type="P_TUNING",
+                encoder_reparameterization_type=str(p_tuning["encoder"]).upper(),
+                encoder_hidden_size=int(p_tuning["encoder_hidden_size"]),
+                encoder_num_layers=int(p_tuning["num_layers"]),
+                encoder_dropout=float(p_tuning["dropout"]),
+            )
         # Seq2seq adapters hold 2P rows; PEFT feeds the encoder the first P.
         table = prompt.table().repeat(submodules, 1)
     else:
         raise ValueError(f"{type(prompt).__name__} prompts have no PEFT format")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"prompt_embeddings": table.detach().float().contiguous().cpu()},
-        str(directory / "adapter_model.safetensors"),
-    )
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Each file is replaced atomically, weights first: a crash leaves whole files.
+    weights = {"prompt_embeddings": table.detach().float().contiguous().cpu()}
+    atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(weights, tmp))
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text))

@@ -9,7 +9,7 @@ the `Located` record, so the rest of the library never imports a model class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -81,6 +81,16 @@ class Located:
     def vocab_size(self) -> int:
         """Ids at or above this number are virtual tokens."""
         return int(self.embedding.num_embeddings)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a saved prompt records about the model it was trained for, so
+        loading it into another model is refused with the shapes that differ."""
+        return {
+            "architecture": type(self.model).__name__,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "sites": [[s.role, s.layer, s.num_kv_heads, s.head_dim] for s in self.sites],
+        }
 
     def __str__(self) -> str:
         names = {id(m): n for n, m in self.model.named_modules()}

@@ -28,6 +28,10 @@ class SoftPrompt(nn.Module):
     method: ClassVar[str] = "soft"
     kind: ClassVar[Literal["tokens", "prefix"]] = "tokens"
 
+    #: The model a loaded prompt was trained for (``Located.fingerprint()``),
+    #: checked when it is attached; ``None`` skips that check.
+    trained_for: dict[str, Any] | None = None
+
     @property
     def num_virtual_tokens(self) -> int:
         raise NotImplementedError
@@ -53,8 +57,15 @@ class SoftPrompt(nn.Module):
             "hidden_size": self.hidden_size,
         }
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SoftPrompt:
+        """An untrained prompt of the shape ``config`` describes, ready for
+        ``load_state_dict``: how ``ph.load`` rebuilds what ``config()`` wrote."""
+        raise NotImplementedError
+
     def check_fits(self, located: Located) -> None:
         """Raise a clear error if this prompt was made for another model."""
+        check_trained_for(self, located)
         if self.hidden_size != located.hidden_size:
             raise ValueError(
                 f"this prompt was made for a model with hidden size {self.hidden_size}, "
@@ -76,3 +87,39 @@ def check_num_virtual_tokens(n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_virtual_tokens must be an integer >= 1, got {n!r}")
     return n
+
+
+def _describe(fingerprint: dict[str, Any]) -> dict[str, str]:
+    """The facts of a model fingerprint that a prompt depends on, as text."""
+    sites = fingerprint.get("sites", [])
+    roles: dict[str, int] = {}
+    for role, *_ in sites:
+        roles[role] = roles.get(role, 0) + 1
+    return {
+        "hidden size": str(fingerprint["hidden_size"]),
+        "vocabulary": str(fingerprint["vocab_size"]),
+        "attention layers": ", ".join(f"{n} {r}" for r, n in sorted(roles.items())) or "none",
+        "KV heads": ", ".join(str(h) for h in sorted({s[2] for s in sites})) or "none",
+        "head size": ", ".join(str(d) for d in sorted({s[3] for s in sites})) or "none",
+    }
+
+
+def check_trained_for(prompt: SoftPrompt, located: Located) -> None:
+    """Refuse a loaded prompt on a model unlike the one it was trained for,
+    naming every shape that differs (a prompt trained on one model is
+    meaningless on another, even when the widths happen to agree)."""
+    if prompt.trained_for is None:
+        return
+    saved, here = _describe(prompt.trained_for), _describe(located.fingerprint())
+    differing = [f"{k} {saved[k]} vs {here[k]}" for k in saved if saved[k] != here[k]]
+    if not differing:
+        return
+    saved_embedding = (prompt.trained_for["vocab_size"], prompt.trained_for["hidden_size"])
+    raise ValueError(
+        f"this prompt was trained for a {prompt.trained_for.get('architecture', 'model')} "
+        f"unlike this {type(located.model).__name__} (saved vs this model): "
+        + "; ".join(differing)
+        + f"; token embedding {saved_embedding} vs {(located.vocab_size, located.hidden_size)}. "
+        "Attach it to the model it was trained for (set prompt.trained_for = None to skip "
+        "this check when the model is a compatible variant)."
+    )

@@ -89,17 +89,21 @@ class PTuningPrompt(SoftPrompt):
 
     def export(self) -> PromptTable:
         with torch.no_grad():
-            return PromptTable(self.table().detach().clone())
+            exported = PromptTable(self.table().detach().clone())
+        exported.trained_for = self.trained_for
+        return exported
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self.settings}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PTuningPrompt:
-        """Rebuild a prompt saved by ``att.save`` (encoder weights included)."""
+    def from_config(cls, config: dict[str, Any]) -> PTuningPrompt:
+        """An untrained encoder of the saved shape (``ph.load`` fills its weights)."""
         settings = {
             k: config[k] for k in ("encoder", "encoder_hidden_size", "num_layers", "dropout")
         }
+        if settings["encoder"] not in ("lstm", "mlp"):
+            raise ValueError(f"unknown P-tuning encoder {settings['encoder']!r}")
         encoder = PromptEncoder(
             int(config["num_virtual_tokens"]),
             int(config["hidden_size"]),
@@ -107,9 +111,6 @@ class PTuningPrompt(SoftPrompt):
             settings["encoder"],
             int(settings["num_layers"]),
             float(settings["dropout"]),
-        )
-        encoder.load_state_dict(
-            {k.removeprefix("encoder."): v for k, v in tensors.items()}, strict=True
         )
         return cls(encoder, settings)
 

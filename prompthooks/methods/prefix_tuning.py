@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..locators.base import Located
-from .base import SoftPrompt, check_num_virtual_tokens
+from .base import SoftPrompt, check_num_virtual_tokens, check_trained_for
 
 #: Shape of one attention site's keys for one token: (KV heads, head size).
 SiteShape = tuple[int, int]
@@ -122,7 +122,9 @@ class Prefix(SoftPrompt):
             return self
         with torch.no_grad():
             table = self.flat().detach().clone()
-        return Prefix(self.shapes, table=table, shift_positions=self.shift_positions)
+        exported = Prefix(self.shapes, table=table, shift_positions=self.shift_positions)
+        exported.trained_for = self.trained_for
+        return exported
 
     def config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -139,22 +141,22 @@ class Prefix(SoftPrompt):
         return config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Prefix:
-        """Rebuild a prefix saved by ``att.save`` from its config and state dict."""
+    def from_config(cls, config: dict[str, Any]) -> Prefix:
+        """An untrained prefix of the saved shape (``ph.load`` fills its weights)."""
         shapes = [(int(h), int(d)) for h, d in config["site_shapes"]]
         shift = bool(config.get("shift_positions", True))
-        if "projection" not in config:
-            return cls(shapes, table=tensors["weight"], shift_positions=shift)
-        proj = config["projection"]
+        count = int(config["num_virtual_tokens"])
         width = sum(2 * h * d for h, d in shapes)
-        count, embed_dim = int(config["num_virtual_tokens"]), int(proj["embed_dim"])
-        projection = PrefixProjection(count, embed_dim, int(proj["hidden_size"]), width)
-        projection.load_state_dict(
-            {k.removeprefix("projection."): v for k, v in tensors.items()}, strict=True
+        if "projection" not in config:
+            return cls(shapes, table=torch.zeros(count, width), shift_positions=shift)
+        proj = config["projection"]
+        projection = PrefixProjection(
+            count, int(proj["embed_dim"]), int(proj["hidden_size"]), width
         )
         return cls(shapes, projection=projection, shift_positions=shift)
 
     def check_fits(self, located: Located) -> None:
+        check_trained_for(self, located)
         expected = site_shapes(located)
         if expected != self.shapes:
             raise ValueError(

@@ -44,6 +44,11 @@ class PromptTable(SoftPrompt):
     def table(self) -> torch.Tensor:
         return self.weight
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PromptTable:
+        n, hidden = int(config["num_virtual_tokens"]), int(config["hidden_size"])
+        return cls(torch.zeros(n, hidden))
+
 
 class PromptTuning:
     """Spec for Prompt Tuning; sized from the model when attached."""

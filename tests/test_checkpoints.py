@@ -1,0 +1,344 @@
+"""Prompt files that never lose work and never half-apply.
+
+* Crash safety: a save that dies (an injected exception after the temporary
+  file is written, or the writing process killed at a random moment) leaves
+  the previous file loadable and unchanged.
+* Bad files (truncated, corrupted, pickle, not ours, inconsistent, for
+  another model) raise a clear error, and the model stays bit-identical.
+* Resume: N steps, save, a fresh process loads and trains N more, equals 2N
+  steps in one go, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import MAX_POSITIONS, VOCAB, same_snapshot, snapshot, tiny
+from resume_job import METHODS
+from safetensors.torch import load_file, save_file
+
+import prompthooks as ph
+from prompthooks import io
+from prompthooks.methods import PromptTable
+
+HERE = Path(__file__).resolve().parent
+
+
+def tables(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def same_tables(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def saved(tmp_path: Path, spec: Any = None, name: str = "prompt.safetensors") -> Path:
+    """A real file written by ``att.save`` from a tiny LLaMA."""
+    model = tiny("llama")
+    torch.manual_seed(5)
+    with ph.attach(model, spec or {"a": ph.PromptTuning(3), "b": ph.PrefixTuning(2)}) as att:
+        att.save(tmp_path / name)
+    return tmp_path / name
+
+
+# -- crash safety ---------------------------------------------------------------
+
+
+def test_exception_after_the_temporary_file_is_written_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = saved(tmp_path)
+    before_bytes = path.read_bytes()
+    written: list[bytes] = []
+
+    def crash(src: str, dst: str) -> None:
+        written.append(Path(src).read_bytes())  # the new content is complete on disk ...
+        raise OSError("simulated crash before the rename")  # ... and then we die
+
+    monkeypatch.setattr(io.os, "replace", crash)
+    model = tiny("llama")
+    with ph.attach(model, ph.PromptTuning(7)) as att, pytest.raises(OSError, match="simulated"):
+        att.save(path)
+    assert written and written[0] != before_bytes
+    assert path.read_bytes() == before_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no stray temporary
+    monkeypatch.undo()
+    assert ph.load(path)["a"].num_virtual_tokens == 3
+
+
+def test_exception_while_writing_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = saved(tmp_path)
+    before_bytes = path.read_bytes()
+
+    def half_write(tensors: dict[str, torch.Tensor], file: str, metadata: Any = None) -> None:
+        Path(file).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a torn header
+        raise MemoryError("simulated failure half-way through")
+
+    monkeypatch.setattr(io, "save_file", half_write)
+    with pytest.raises(MemoryError):
+        ph.attach(tiny("gpt2"), ph.PromptTuning(2)).save(path)
+    assert path.read_bytes() == before_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+WRITER = """
+import sys, torch
+from prompthooks import io
+from prompthooks.methods import PromptTable
+path = sys.argv[1]
+for version in range(1, 10**6):
+    io.save({"default": PromptTable(torch.full((256, 2048), float(version)))}, path)
+    print(version, flush=True)
+"""
+
+
+def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) -> None:
+    """A process saves 2 MB files in a loop and is killed with SIGKILL at a
+    random moment: the file is always a whole, earlier version."""
+    path = tmp_path / "prompt.safetensors"
+    io.save({"default": PromptTable(torch.zeros(256, 2048))}, path)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert writer.stdout is not None
+        finished = int(writer.stdout.readline())  # at least one save completed
+        time.sleep(float(torch.rand((), generator=rng)) * 0.2)
+        writer.send_signal(signal.SIGKILL)
+        rest = writer.stdout.read().split()
+        writer.wait()
+        finished = int(rest[-1]) if rest else finished
+        table = ph.load(path)["default"].table()
+        value = float(table[0, 0].detach())
+        assert torch.equal(table, torch.full_like(table, value))  # one version, whole
+        assert finished <= value <= finished + 1  # the last finished one, or the one after
+    stray = [p for p in tmp_path.iterdir() if p != path]
+    assert all(p.name.startswith(".prompt.safetensors.") for p in stray)  # never read
+
+
+# -- bad files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 40, -1, -100])
+def test_truncated_file_is_refused(tmp_path: Path, keep: int) -> None:
+    path = saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    with pytest.raises(ph.CheckpointError, match="truncated, corrupted"):
+        ph.load(path)
+
+
+@functools.cache
+def clean() -> tuple[Path, bytes, dict[str, torch.Tensor]]:
+    """One good file (two prompts: a table and a prefix), its bytes and tensors."""
+    path = saved(Path(tempfile.mkdtemp(prefix="prompthooks-clean-")))
+    return path, path.read_bytes(), tables(path)
+
+
+@settings(max_examples=60)
+@given(where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_any_flipped_bit_is_refused_or_harmless(where: float, bit: int) -> None:
+    """A flipped bit anywhere is caught (bad header, checksum) or lands in
+    padding and changes nothing: never a silently different prompt."""
+    path, data, expected = clean()
+    flipped = bytearray(data)
+    at = int(where * len(flipped))
+    flipped[at] ^= 1 << bit
+    target = path.with_name("flipped.safetensors")
+    target.write_bytes(bytes(flipped))
+    try:
+        prompts = ph.load(target)
+    except ph.CheckpointError:
+        return
+    got = {f"{n}.{k}": v for n, p in prompts.items() for k, v in p.state_dict().items()}
+    assert same_tables(got, expected)
+
+
+class Tripwire:
+    """Unpickling this object creates a file: proof that a loader unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_files_are_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    for name in ("prompt.safetensors", "prompt.pt"):
+        (tmp_path / name).write_bytes(pickle.dumps({"default.weight": Tripwire(marker)}))
+        with pytest.raises(ph.CheckpointError, match="pickle files are never read"):
+            ph.load(tmp_path / name)
+    torch.save({"weight": torch.zeros(2, 32)}, tmp_path / "torch.bin")
+    with pytest.raises(ph.CheckpointError):
+        ph.load(tmp_path / "torch.bin")
+    assert not marker.exists()
+
+
+def test_other_safetensors_files_are_named_not_ours(tmp_path: Path) -> None:
+    save_file({"prompt_embeddings": torch.zeros(4, 32)}, str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(ph.CheckpointError, match=r"not a prompthooks file.*ph\.load_peft"):
+        ph.load(tmp_path / "adapter.safetensors")
+    with pytest.raises(FileNotFoundError, match="no prompt file"):
+        ph.load(tmp_path / "missing.safetensors")
+
+
+def rewrite(path: Path, edit: Any) -> None:
+    """Change a saved file's config and tensors, with a valid checksum, to
+    reach the checks behind it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["config"])
+        found = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, found)
+    config = json.dumps(meta)
+    metadata = {"format": io.FORMAT, "config": config, "sha256": io._digest(config, found)}
+    save_file(found, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m, t: t.update({"a.weight": torch.zeros(3, 31)}), r"a\.weight|weight has shape"),
+        (lambda m, t: t.pop("a.weight"), "missing weight"),
+        (lambda m, t: t.update({"c.weight": torch.zeros(1)}), r"no listed prompt: \['c\.weight'\]"),
+        (lambda m, t: t.update({"a.bias": torch.zeros(1)}), "unexpected bias"),
+        (lambda m, t: m["prompts"]["a"].update(method="lora"), "unknown method 'lora'"),
+        (lambda m, t: m["prompts"]["b"].pop("site_shapes"), "bad prefix_tuning config"),
+        (lambda m, t: m["prompts"]["a"].update(num_virtual_tokens=4), "config says"),
+        (lambda m, t: t.update({"a.weight": torch.zeros(3, 32, dtype=torch.int64)}), "int64"),
+        (lambda m, t: m.update(prompts={}), "no prompts"),
+    ],
+)
+def test_inconsistent_file_is_refused_naming_the_problem(
+    tmp_path: Path, edit: Any, match: str
+) -> None:
+    path = saved(tmp_path)
+    rewrite(path, edit)
+    with pytest.raises(ph.CheckpointError, match=match):
+        ph.load(path)
+
+
+def test_edited_file_without_a_new_checksum_is_corrupted(tmp_path: Path) -> None:
+    path = saved(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        found = {k: f.get_tensor(k) for k in f.keys()}
+    found["a.weight"] = found["a.weight"] + 1
+    save_file(found, str(path), metadata=metadata)
+    with pytest.raises(ph.CheckpointError, match="checksum"):
+        ph.load(path)
+
+
+def llama(**changes: int) -> torch.nn.Module:
+    settings_ = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_POSITIONS,
+    )
+    settings_.update(changes)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**settings_)).eval()
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"hidden_size": 48, "num_attention_heads": 4}, r"hidden size 32 vs 48"),
+        ({"num_hidden_layers": 3}, r"attention layers 2 self vs 3 self"),
+        ({"num_key_value_heads": 4}, r"KV heads 2 vs 4"),
+        ({"hidden_size": 64, "num_attention_heads": 4}, r"head size 8 vs 16"),
+        ({"vocab_size": VOCAB + 10}, rf"vocabulary {VOCAB} vs {VOCAB + 10}"),
+    ],
+)
+def test_file_for_another_model_names_the_shapes_and_leaves_it_unchanged(
+    tmp_path: Path, method: str, changes: dict[str, int], match: str
+) -> None:
+    spec = ph.PromptTuning(3) if method == "prompt" else ph.PrefixTuning(2, hidden_size=8)
+    with ph.attach(llama(), spec) as att:
+        att.save(tmp_path / "p.safetensors")
+    other = llama(**changes)
+    before = snapshot(other)
+    prompts = ph.load(tmp_path / "p.safetensors")  # the file itself is fine
+    with pytest.raises(ValueError, match=match) as info:
+        ph.attach(other, prompts)
+    assert "token embedding" in str(info.value)
+    assert same_snapshot(before, snapshot(other))
+
+
+def test_the_model_check_can_be_waived_for_a_compatible_variant(tmp_path: Path) -> None:
+    with ph.attach(llama(), ph.PromptTuning(3)) as att:
+        att.save(tmp_path / "p.safetensors")
+    variant = llama(vocab_size=VOCAB + 2)  # e.g. two tokens added to the vocabulary
+    prompts = ph.load(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="vocabulary"):
+        ph.attach(variant, prompts)
+    prompts["default"].trained_for = None
+    with ph.attach(variant, prompts) as att:
+        assert torch.equal(
+            att.prompts["default"].weight, tables(tmp_path / "p.safetensors")["default.weight"]
+        )
+
+
+def test_corrupted_peft_adapter_is_refused(tmp_path: Path) -> None:
+    model = tiny("gpt2")
+    with ph.attach(model, ph.PromptTuning(3)) as att:
+        att.save_peft(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(ph.CheckpointError, match="truncated"):
+        ph.load_peft(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ph.CheckpointError, match="adapter_config.json"):
+        ph.load_peft(tmp_path)
+
+
+# -- resume -------------------------------------------------------------------------
+
+
+def test_resume_in_a_fresh_process_equals_training_straight_through(tmp_path: Path) -> None:
+    """N steps, save, a new process loads and trains N more == 2N steps, bit for bit,
+    for a table, a P-tuning LSTM encoder and a prefix MLP (their weights are saved)."""
+    job = [sys.executable, str(HERE / "resume_job.py")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    straight = subprocess.Popen([*job, "straight", str(tmp_path), "3"], env=env)
+    subprocess.run([*job, "first", str(tmp_path), "3"], env=env, check=True)
+    subprocess.run([*job, "second", str(tmp_path), "3"], env=env, check=True)
+    assert straight.wait() == 0
+    for method in METHODS:
+        first = tables(tmp_path / f"{method}.first.safetensors")
+        resumed = tables(tmp_path / f"{method}.second.safetensors")
+        through = tables(tmp_path / f"{method}.straight.safetensors")
+        assert same_tables(resumed, through), method
+        assert not same_tables(first, through), method  # the second half did train
+        assert len(first) > 1 or method == "prompt_tuning"  # encoder weights are in the file
