@@ -95,18 +95,43 @@ def _fsync_directory(directory: Path) -> None:
 
 def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | None = None) -> None:
     """Write prompts, their config, a checksum and a record of the model to one
-    safetensors file, atomically: a crash mid-save leaves the old file intact."""
+    safetensors file, atomically: a crash mid-save leaves the old file intact.
+
+    Prompts sharded by FSDP (``fully_shard``) are gathered first, which is a
+    collective: call ``att.save`` on every rank; rank 0 writes the file."""
     tensors = {
-        f"{name}.{key}": value.detach().contiguous().cpu()
+        f"{name}.{key}": _full(value).detach().contiguous().cpu()
         for name, prompt in prompts.items()
         for key, value in prompt.state_dict().items()
     }
+    if _sharded(prompts) and torch.distributed.get_rank() != 0:
+        return
     meta: dict[str, Any] = {"prompts": {n: p.config() for n, p in prompts.items()}}
     if located is not None:
         meta["model"] = located.fingerprint()
     config = json.dumps(meta, sort_keys=True)
     metadata = {"format": FORMAT, "config": config, "sha256": _digest(config, tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _sharded(prompts: dict[str, SoftPrompt]) -> bool:
+    return any(_is_dtensor(v) for p in prompts.values() for v in p.state_dict().values())
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (every rank must take part)."""
+    if _is_dtensor(value):
+        full: torch.Tensor = value.full_tensor()  # type: ignore[attr-defined]
+        return full
+    return value
 
 
 def load(path: str | Path) -> dict[str, SoftPrompt]:
