@@ -28,6 +28,27 @@ def test_logits_and_loss_match_inputs_embeds_oracle(arch: str, attn: str) -> Non
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_causal_lm_loss_is_the_loss_of_the_returned_logits(arch: str) -> None:
+    """The loss has the targets of the user's batch: it equals the shifted
+    cross-entropy a user computes from the (stripped) logits returned, so a
+    token count made from the user's labels (``Trainer``'s
+    ``num_items_in_batch``) is the right divisor."""
+    model = tiny(arch)
+    ids, _ = batch(arch, [6, 6, 6], seed=5)
+    labels = ids.clone()
+    labels[1, 2:4] = -100
+    with ph.attach(model, ph.PromptTuning(3)), torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        items = (labels[:, 1:] != -100).sum()
+        summed = model(input_ids=ids, labels=labels, num_items_in_batch=items).loss
+    by_hand = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, by_hand, atol=1e-6, rtol=0)
+    torch.testing.assert_close(summed, by_hand, atol=1e-6, rtol=0)
+
+
 def test_gradients_reach_only_the_prompt() -> None:
     model = tiny("llama")
     ids, mask = batch("llama", [6, 3])

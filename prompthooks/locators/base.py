@@ -61,6 +61,10 @@ class Located:
         cls_first: the first token is a summary token (``[CLS]``) that must
             stay first; prompts go right after it.
         is_encoder_decoder: labels belong to the decoder and are left alone.
+        shifted_labels: the model's loss predicts ``labels[:, t + 1]`` from
+            position ``t`` (a causal language-model head). A prompt in front of
+            a row's first token would make that token's label a new target;
+            it is masked, so the loss keeps the targets of the user's batch.
     """
 
     locator: str
@@ -72,6 +76,7 @@ class Located:
     max_positions: int | None
     cls_first: bool = False
     is_encoder_decoder: bool = False
+    shifted_labels: bool = False
 
     @property
     def hidden_size(self) -> int:

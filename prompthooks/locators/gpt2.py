@@ -38,4 +38,5 @@ class GPT2Locator(Locator):
             encoder_mask_readers=(),
             sites=sites,
             max_positions=int(stack.wpe.num_embeddings),
+            shifted_labels=hasattr(model, "lm_head"),  # a language-model head
         )

@@ -37,4 +37,5 @@ class LlamaLocator(Locator):
             encoder_mask_readers=(),
             sites=tuple(sites),
             max_positions=int(max_pos) if max_pos is not None else None,
+            shifted_labels=hasattr(model, "lm_head"),  # a language-model head
         )
