@@ -115,10 +115,12 @@ def _concat_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> No
 
 
 def _concat_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-    # The states' gradient is a slice of the output's; a shared prefix's is a sum over rows.
+    # The states' gradient is a slice of the output's; a shared prefix's is a sum over
+    # rows, taken in at least fp32 (bf16/fp16 row gradients, fp32 parameters).
     grad_prefix = grad[:, :, : ctx.count]
     if ctx.shared:
-        grad_prefix = grad_prefix.sum(0)
+        wide = torch.promote_types(concat.accumulation_dtype(ctx.prefix_dtype), grad.dtype)
+        grad_prefix = grad_prefix.sum(0, dtype=wide)
     return grad_prefix.to(ctx.prefix_dtype), grad[:, :, ctx.count :], None
 
 

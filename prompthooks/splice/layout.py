@@ -37,14 +37,23 @@ def _new_index(
 
 
 def insert(x: torch.Tensor, at: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Insert ``fill`` (``(P,)`` or ``(P, *rest)``) into ``x`` ``(B, L, *rest)`` at ``at[b]``."""
+    """Insert ``fill`` (``(P,)`` or ``(P, *rest)``) into ``x`` ``(B, L, *rest)`` at ``at[b]``.
+
+    A floating ``fill`` (a prompt table, fp32 parameters) is cast to ``x``'s dtype
+    row by row, from at least fp32: its gradient adds up over the rows in fp32, as
+    the token splice's does, not in bf16/fp16.
+    """
     count = fill.shape[0]
     batch, length = x.shape[0], x.shape[1]
     source, is_virtual, offset = _new_index(at, length, count)
     rest = x.shape[2:]
     view = (batch, length + count) + (1,) * len(rest)
-    gathered = x.gather(1, source.view(view).expand((batch, length + count) + rest))
-    filled = fill.to(x.dtype)[offset]  # (B, L+P, *rest)
+    index = (batch, length + count) + rest
+    gathered = x.gather(1, source.view(view).expand(index))
+    if fill.is_floating_point():
+        fill = fill.to(torch.promote_types(fill.dtype, torch.float32))
+    rows = fill.unsqueeze(0).expand(batch, *fill.shape).to(x.dtype)  # (B, P, *rest)
+    filled = rows.gather(1, offset.view(view).expand(index))  # (B, L+P, *rest)
     return torch.where(is_virtual.view(view), filled, gathered)
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..kernels import prefix_concat
+from ..kernels.concat import accumulation_dtype, per_row
 from ..locators.base import AttentionSite, Located, Role
 from ..methods.prefix_tuning import Prefix
 from .bank import PromptBank
@@ -213,7 +214,8 @@ class PrefixHooks:
         for site in range(len(self.sites)):
             parts = []
             for part in (0, 1):
-                blocks = [_right_aligned(kvs[site][part], width) for kvs in per_prefix]
+                # Picked in at least fp32, so rows that share a prefix add up its gradient there.
+                blocks = [_right_aligned(_wide(kvs[site][part]), width) for kvs in per_prefix]
                 blocks.append(torch.zeros_like(blocks[0]))
                 parts.append(torch.stack(blocks)[pick])  # (B, H, W, D)
             kv.append((parts[0], parts[1]))
@@ -355,7 +357,8 @@ class PrefixHooks:
 
     def _fill(self, cache: Any, roles: frozenset[Role], batch: int) -> None:
         """Write the prefix of every site of ``roles`` into an empty cache."""
-        dtype = self.located.embedding.weight.dtype
+        weight = self.located.embedding.weight
+        dtype = cached_dtype(weight.dtype, weight.device)
         for index, site in enumerate(self.sites):
             if site.role in roles:
                 keys, values = self._kv[index]
@@ -393,7 +396,8 @@ class PrefixHooks:
                 if cache is None:
                     kw[site.cache_arg] = PrefixedKV(keys, values)
                 else:  # a cache the model made inside its forward: keep the prefix in it
-                    self._write(cache, site, keys, values, batch, hidden.dtype)
+                    dtype = cached_dtype(hidden.dtype, hidden.device)
+                    self._write(cache, site, keys, values, batch, dtype)
             mask = kw.get(site.mask_arg)
             seen = self._padded.get(site.role)
             if seen is not None and seen[0] is mask:  # every layer gets the same mask
@@ -432,9 +436,27 @@ class PrefixHooks:
 
 
 def _batched(x: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(H, P, D)`` shared by all rows, or already ``(B, H, W, D)``, as ``(B, H, *, D)``."""
-    x = x.to(dtype)
-    return x if x.ndim == 4 else x.unsqueeze(0).expand(batch, -1, -1, -1)
+    """``(H, P, D)`` shared by all rows, or already ``(B, H, W, D)``, as ``(B, H, *, D)``
+    in ``dtype`` (a shared prefix is cast row by row: its gradient adds up in fp32)."""
+    return x.to(dtype) if x.ndim == 4 else per_row(x, batch, dtype)
+
+
+def cached_dtype(activations: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a model's cached keys and values have, given its activations' dtype.
+
+    Under ``torch.autocast`` the activations stay fp32 but the key and value
+    projections run in the autocast dtype, and so does the cache the model
+    fills. A prefix written in fp32 would promote every later ``DynamicCache``
+    update to fp32 (twice the memory of the base model's cache) and make a
+    ``StaticCache`` fail (``index_copy_`` of bf16 keys into fp32 slots).
+    """
+    if activations == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return activations
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.to(accumulation_dtype(x.dtype))
 
 
 def _right_aligned(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -255,12 +255,30 @@ class SoftPromptHooks:
         name, at = plan
         mixed = self._mixed(x.shape[0], x.device)
         if mixed is not None:
+            labels = self._keep_targets(labels, at, mixed.counts)
             fill = torch.full_like(mixed.fill, -100)
             kw["labels"] = insert_per_row(labels, at, mixed.counts, fill, -100, mixed.pad_front)
             return (), kw
         count = self.bank.prompts[name].num_virtual_tokens
+        labels = self._keep_targets(labels, at, None)
         kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
         return (), kw
+
+    def _keep_targets(
+        self, labels: torch.Tensor, at: torch.Tensor, counts: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Keep the loss on the targets of the user's batch. A causal LM loss
+        predicts ``labels[:, t + 1]`` from position ``t``; a prompt in front of
+        column 0 would give that label a predecessor and make it a new target.
+        It is masked, so the loss has exactly the targets it has without the
+        prompt: token counts made from the user's labels (``Trainer``'s
+        ``num_items_in_batch``) stay right, and for rows that start at column
+        0 it equals the loss computed from the stripped logits."""
+        if not self.located.shifted_labels:
+            return labels
+        first = at == 0 if counts is None else (at == 0) & (counts > 0)
+        column = labels[:, :1].masked_fill(first.unsqueeze(1), -100)
+        return torch.cat([column, labels[:, 1:]], dim=1)
 
     def stack_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         kw = bind_kwargs(module, args, kwargs)
@@ -317,6 +335,7 @@ class SoftPromptHooks:
             kw["token_type_ids"] = insert(token_types, at, token_types.new_zeros(count))
         labels = kw.get("labels")
         if labels is not None and labels.ndim == 2 and labels.shape == x.shape[:2]:
+            labels = self._keep_targets(labels, at, None)
             kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
         if cache is not None:
             self._inserted[cache] = count
@@ -333,7 +352,9 @@ class SoftPromptHooks:
         if kw.get("input_ids") is not None:
             kw["input_ids"] = insert_per_row(x, at, counts, mixed.fill, 0, front)
         else:
-            vectors = self.bank.table()[(mixed.fill - self.vocab_size).clamp(min=0)]
+            table = self.bank.table()  # picked in at least fp32: gradients add up there
+            table = table.to(torch.promote_types(table.dtype, torch.float32))
+            vectors = table[(mixed.fill - self.vocab_size).clamp(min=0)]
             kw["inputs_embeds"] = insert_per_row(x, at, counts, vectors, 0.0, front)
         mask = kw.get("attention_mask")
         if mask is None:
@@ -356,6 +377,7 @@ class SoftPromptHooks:
             kw["token_type_ids"] = insert_per_row(token_types, at, counts, zeros, 0, front)
         labels = kw.get("labels")
         if labels is not None and labels.ndim == 2 and labels.shape == x.shape[:2]:
+            labels = self._keep_targets(labels, at, counts)
             fill = torch.full_like(mixed.fill, -100)
             kw["labels"] = insert_per_row(labels, at, counts, fill, -100, front)
         if cache is not None:
