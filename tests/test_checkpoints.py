@@ -131,7 +131,8 @@ def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) ->
         assert torch.equal(table, torch.full_like(table, value))  # one version, whole
         assert finished <= value <= finished + 1  # the last finished one, or the one after
     stray = [p for p in tmp_path.iterdir() if p != path]
-    assert all(p.name.startswith(".prompt.safetensors.") for p in stray)  # never read
+    names = sorted(p.name for p in stray)
+    assert all(n.startswith(".prompt.safetensors.") for n in names), names  # never read
 
 
 # -- bad files --------------------------------------------------------------------
