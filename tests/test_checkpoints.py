@@ -240,6 +240,33 @@ def test_inconsistent_file_is_refused_naming_the_problem(
         ph.load(path)
 
 
+def test_a_bad_file_never_reaches_the_model(tmp_path: Path) -> None:
+    path = saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:-3])
+    model = tiny("llama")
+    before = snapshot(model)
+    with pytest.raises(ph.CheckpointError):
+        ph.attach(model, ph.load(path))
+    assert same_snapshot(before, snapshot(model))
+
+
+def test_files_of_the_first_format_still_load(tmp_path: Path) -> None:
+    """0.1-0.2 wrote ``prompthooks/1``: no checksum, no model record."""
+    table = torch.randn(3, 32)
+    config = {
+        "prompts": {
+            "default": {"method": "prompt_tuning", "num_virtual_tokens": 3, "hidden_size": 32}
+        }
+    }
+    save_file(
+        {"default.weight": table},
+        str(tmp_path / "old.safetensors"),
+        metadata={"format": "prompthooks/1", "config": json.dumps(config)},
+    )
+    (prompt,) = ph.load(tmp_path / "old.safetensors").values()
+    assert prompt.trained_for is None and torch.equal(prompt.table(), table)
+
+
 def test_edited_file_without_a_new_checksum_is_corrupted(tmp_path: Path) -> None:
     path = saved(tmp_path)
     from safetensors import safe_open
