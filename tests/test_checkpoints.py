@@ -36,6 +36,10 @@ import prompthooks as ph
 from prompthooks import io
 from prompthooks.methods import PromptTable
 
+# File and workflow tests: the same on every kernel path; they run in the torch pass
+# and the Triton pass deselects them (-m "not workflow").
+pytestmark = pytest.mark.workflow
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -27,6 +27,10 @@ from safetensors.torch import load_file
 
 import prompthooks as ph
 
+# File and workflow tests: the same on every kernel path; they run in the torch pass
+# and the Triton pass deselects them (-m "not workflow").
+pytestmark = pytest.mark.workflow
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from integrations import distributed as script  # noqa: E402

@@ -21,6 +21,10 @@ from safetensors import safe_open
 
 import prompthooks as ph
 
+# File and workflow tests: the same on every kernel path; they run in the torch pass
+# and the Triton pass deselects them (-m "not workflow").
+pytestmark = pytest.mark.workflow
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
 import hf_trainer  # noqa: E402
 import pipeline_generate  # noqa: E402

@@ -33,6 +33,10 @@ from peft import (
 
 import prompthooks as ph
 
+# File and workflow tests: the same on every kernel path; they run in the torch pass
+# and the Triton pass deselects them (-m "not workflow").
+pytestmark = pytest.mark.workflow
+
 N = 4
 TYPES = {"prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
 
