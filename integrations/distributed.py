@@ -68,10 +68,12 @@ from torch.distributed.tensor import DTensor
 
 import prompthooks as ph
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_assets import VOCAB, tiny_llama  # noqa: E402
+
 #: Rows of the global batch (split evenly across ranks) and their length, for --tiny.
 GLOBAL_BATCH = 4
 LENGTH = 12
-VOCAB = 61
 #: Virtual tokens of the prompt or prefix.
 NUM_VIRTUAL_TOKENS = 4
 #: One seed for the model and the prompt: every rank starts from the same values.
@@ -88,24 +90,9 @@ TEXTS = [  # --model smollm2: cut to the shortest row's token count, so no paddi
 
 
 def tiny_model() -> nn.Module:
-    """A 2-layer random-weight LLaMA (grouped-query attention, no dropout), in train mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
+    """The 2-layer random-weight LLaMA of ``tiny_assets`` (grouped-query attention, no
+    dropout), in train mode."""
+    model = tiny_llama(SEED)
     model.train()
     return model
 
@@ -133,8 +120,7 @@ def attach_seeded(model: nn.Module, method: str, tiny: bool) -> ph.Attachment:
 
 def smollm2_setup() -> tuple[nn.Module, torch.Tensor]:
     """SmolLM2-135M (train mode) and :data:`TEXTS` tokenized to one length."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from assets import load_smollm2
+    from assets import load_smollm2  # next to this script, on the path (see the imports)
 
     model, tokenizer = load_smollm2()
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]

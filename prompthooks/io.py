@@ -99,12 +99,10 @@ def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | No
 
     Prompts sharded by FSDP (``fully_shard``) are gathered first, which is a
     collective: call ``att.save`` on every rank; rank 0 writes the file."""
-    tensors = {
-        f"{name}.{key}": _full(value).detach().contiguous().cpu()
-        for name, prompt in prompts.items()
-        for key, value in prompt.state_dict().items()
-    }
-    if _sharded(prompts) and torch.distributed.get_rank() != 0:
+    states = {f"{n}.{k}": v for n, p in prompts.items() for k, v in p.state_dict().items()}
+    sharded = any(_is_dtensor(v) for v in states.values())
+    tensors = {key: _full(value).detach().contiguous().cpu() for key, value in states.items()}
+    if sharded and torch.distributed.get_rank() != 0:
         return
     meta: dict[str, Any] = {"prompts": {n: p.config() for n, p in prompts.items()}}
     if located is not None:
@@ -112,10 +110,6 @@ def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | No
     config = json.dumps(meta, sort_keys=True)
     metadata = {"format": FORMAT, "config": config, "sha256": _digest(config, tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _sharded(prompts: dict[str, SoftPrompt]) -> bool:
-    return any(_is_dtensor(v) for p in prompts.values() for v in p.state_dict().values())
 
 
 def _is_dtensor(value: torch.Tensor) -> bool:
