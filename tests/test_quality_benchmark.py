@@ -1,0 +1,124 @@
+"""``benchmarks/quality.py --tiny``: the whole pipeline on random tiny models.
+
+The numbers of a tiny random model mean nothing; what is checked is that every
+cell runs for both libraries, the report and plots are written, a second run
+resumes instead of recomputing, and the properties that hold whatever the
+weights: prompthooks predictions never flip between batch size 1 and
+left-padded batches, and where PEFT computes the same thing (P-tuning v2 from
+the same initial values, positions passed explicitly) its training losses
+equal ours step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.workflow  # the result does not depend on the kernel path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+TASKS = ("rotten_tomatoes", "bbc_news")
+LM_TRAINED = ("prompt_tuning", "p_tuning_lstm", "p_tuning_mlp", "prefix_tuning", "p_tuning_v2")
+
+
+def run(out: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    out = tmp_path_factory.mktemp("quality")
+    run(out)
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    return out, cells
+
+
+def test_every_cell_runs_for_both_libraries(results: tuple[Path, dict[str, dict]]) -> None:
+    _, cells = results
+    expected = set()
+    for task in TASKS:
+        expected |= {f"{task}--lm--{m}--none" for m in ("zero_shot", "icl_4shot")}
+        expected |= {
+            f"{task}--lm--{m}--{lib}" for m in LM_TRAINED for lib in ("prompthooks", "peft")
+        }
+        expected.add(f"{task}--encoder--linear_probe--none")
+        expected |= {f"{task}--encoder--p_tuning_v2--{lib}" for lib in ("prompthooks", "peft")}
+    assert set(cells) == expected
+    for key, r in cells.items():
+        assert r["n_test"] == len(r["predictions_batch1"]) == len(r["predictions_batched"]) > 0
+        if "zero_shot" in key or "icl" in key:
+            assert r["losses"] == [] and r["trainable_params"] == 0
+        else:
+            assert len(r["losses"]) == r["steps"] > 0 and r["trainable_params"] > 0
+            assert r["step_seconds_median"] > 0
+
+
+def test_prompthooks_predictions_never_flip_with_padding(
+    results: tuple[Path, dict[str, dict]],
+) -> None:
+    _, cells = results
+    ours = {k: r for k, r in cells.items() if not k.endswith("--peft")}
+    assert all(r["flips"] == 0 for r in ours.values()), {k: r["flips"] for k, r in ours.items()}
+    for r in ours.values():
+        assert r["predictions_batch1"] == r["predictions_batched"]
+
+
+def test_peft_starts_from_our_values_where_the_networks_agree(
+    results: tuple[Path, dict[str, dict]],
+) -> None:
+    _, cells = results
+    for task in TASKS:
+        for method in ("prompt_tuning", "p_tuning_lstm", "p_tuning_v2"):
+            assert cells[f"{task}--lm--{method}--peft"]["same_init"] is True
+        for method in ("p_tuning_mlp", "prefix_tuning"):  # different networks in PEFT
+            assert cells[f"{task}--lm--{method}--peft"]["same_init"] is False
+        assert cells[f"{task}--encoder--p_tuning_v2--peft"]["same_init"] is True
+
+
+def test_p_tuning_v2_trains_exactly_like_peft(results: tuple[Path, dict[str, dict]]) -> None:
+    """Same initial prefix, batches and positions: PEFT is the oracle for every step."""
+    _, cells = results
+    for task in TASKS:
+        for family in ("lm", "encoder"):
+            ours = cells[f"{task}--{family}--p_tuning_v2--prompthooks"]["losses"]
+            peft = cells[f"{task}--{family}--p_tuning_v2--peft"]["losses"]
+            assert len(ours) == len(peft)
+            assert max(abs(a - b) for a, b in zip(ours, peft, strict=True)) < 1e-5
+
+
+def test_report_and_plots_are_written(results: tuple[Path, dict[str, dict]]) -> None:
+    out, cells = results
+    table = (out / "quality.md").read_text()
+    assert "python benchmarks/quality.py --tiny" in table
+    assert "not run" not in table
+    for method in LM_TRAINED:
+        assert f"| {method.replace('_', ' ')} | prompthooks |" in table
+        assert f"| {method.replace('_', ' ')} | peft |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == set(cells)
+    for name in ("accuracy.png", "loss_curves.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_second_run_resumes_from_the_stored_cells(
+    results: tuple[Path, dict[str, dict]],
+) -> None:
+    out, cells = results
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    stdout = run(out)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert after == before  # nothing recomputed
+    assert "flips," not in stdout  # no cell reported as run
+    assert "total" in stdout
