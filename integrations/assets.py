@@ -35,6 +35,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -290,24 +291,44 @@ def rotten_tomatoes(
     drawn without overlap, and is shuffled; the same ``seed`` always gives the
     same split, and the test set does not depend on ``n_train``.
     """
+    return _stratified_split(
+        _read_reviews(),
+        2,
+        n_train,
+        n_test,
+        seed,
+        share=lambda n, label: n - n // 2 if label == 1 else n // 2,
+        noun=lambda label: f"reviews with label {label}",
+    )
+
+
+def _stratified_split(
+    rows: list[tuple[str, int]],
+    num_labels: int,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    share: Callable[[int, int], int],
+    noun: Callable[[int], str],
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Split ``rows`` into disjoint, shuffled ``(train, test)`` lists with
+    ``share(n, label)`` rows of each label in a split of ``n``.
+
+    The test rows of each label are drawn first, so the held-out set depends
+    on the seed and ``n_test`` only."""
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be non-negative")
     rng = random.Random(seed)
-    by_label: dict[int, list[str]] = {0: [], 1: []}
-    for text, label in _read_reviews():
+    by_label: dict[int, list[str]] = {i: [] for i in range(num_labels)}
+    for text, label in rows:
         by_label[label].append(text)
-
     train: list[tuple[str, int]] = []
     test: list[tuple[str, int]] = []
     for label, texts in by_label.items():
-        k_train = n_train - n_train // 2 if label == 1 else n_train // 2
-        k_test = n_test - n_test // 2 if label == 1 else n_test // 2
+        k_train, k_test = share(n_train, label), share(n_test, label)
         if k_train + k_test > len(texts):
-            raise ValueError(
-                f"asked for {k_train + k_test} reviews with label {label}, only {len(texts)} exist"
-            )
+            raise ValueError(f"asked for {k_train + k_test} {noun(label)}, only {len(texts)} exist")
         rng.shuffle(texts)
-        # Test first: the held-out set depends on the seed and n_test only.
         test += [(t, label) for t in texts[:k_test]]
         train += [(t, label) for t in texts[k_test : k_test + k_train]]
     rng.shuffle(train)
@@ -353,26 +374,13 @@ def bbc_news(
     overlap and shuffled; the same ``seed`` always gives the same split, and
     the test set does not depend on ``n_train``.
     """
-    if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be non-negative")
-    rng = random.Random(seed)
-    by_label: dict[int, list[str]] = {i: [] for i in range(len(BBC_TOPICS))}
-    for text, label in _read_bbc():
-        by_label[label].append(text)
     k = len(BBC_TOPICS)
-    train: list[tuple[str, int]] = []
-    test: list[tuple[str, int]] = []
-    for label, texts in by_label.items():
-        k_test = n_test // k + (label < n_test % k)
-        k_train = n_train // k + (label < n_train % k)
-        if k_train + k_test > len(texts):
-            raise ValueError(
-                f"asked for {k_train + k_test} {BBC_TOPICS[label]} articles, "
-                f"only {len(texts)} exist"
-            )
-        rng.shuffle(texts)
-        test += [(t, label) for t in texts[:k_test]]
-        train += [(t, label) for t in texts[k_test : k_test + k_train]]
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return train, test
+    return _stratified_split(
+        _read_bbc(),
+        k,
+        n_train,
+        n_test,
+        seed,
+        share=lambda n, label: n // k + (label < n % k),
+        noun=lambda label: f"{BBC_TOPICS[label]} articles",
+    )
