@@ -51,7 +51,6 @@ LM_METHODS: dict[str, tuple[int, float]] = {
     "p_tuning_v2": (10, 1e-2),
 }
 LM_BASELINES = ("zero_shot", "icl_4shot")
-ENCODER_METHODS = ("linear_probe", "p_tuning_v2")
 ENCODER_LR = 1e-2
 PREFIX_HIDDEN = 512  # the prefix MLP's hidden width, both libraries
 SHOTS = 4
