@@ -266,7 +266,7 @@ def peft_config(method: str, task_type: str, hidden: int) -> Any:
     """PEFT's config for the same method and sizes."""
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    n = LM_METHODS[method][0] if method in LM_METHODS else 10
+    n = LM_METHODS[method][0]
     if method == "prompt_tuning":
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=n)
     if method == "p_tuning_lstm":
@@ -537,7 +537,7 @@ def run_encoder_cell(cell: Cell, task: Task, settings: Settings) -> dict[str, An
 
             one, many = evaluate(scores_of, len(texts_test), settings.eval_batch, cell.key)
         else:
-            spec = ph.PrefixTuning(10, projection=False)
+            spec = our_spec("p_tuning_v2", task, tokenizer, width)  # the size PEFT gets
             cfg = lambda: peft_config("p_tuning_v2", "FEATURE_EXTRACTION", width)  # noqa: E731
             with prepared(cell, model, spec, cfg, settings.seed) as (target, params, same):
                 result["same_init"] = same
