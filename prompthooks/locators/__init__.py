@@ -3,7 +3,19 @@
 Importing this package registers the built-in locators.
 """
 
-from . import bert, gpt2, llama, t5  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    bart,
+    bert,
+    distilbert,
+    gpt2,
+    gpt_neox,
+    llama,
+    llama_like,
+    opt,
+    roberta,
+    t5,
+    torch_mha,
+)
 from .base import AttentionSite, Located, Locator
 from .registry import UnsupportedModelError, locate, register_locator, registered_locators
 

@@ -65,6 +65,9 @@ class Located:
             position ``t`` (a causal language-model head). A prompt in front of
             a row's first token would make that token's label a new target;
             it is masked, so the loss keeps the targets of the user's batch.
+        first_position: the position id of a row's first token. Positions the
+            hooks compute from the attention mask start here (RoBERTa numbers
+            its positions from ``padding_idx + 1``).
     """
 
     locator: str
@@ -77,6 +80,7 @@ class Located:
     cls_first: bool = False
     is_encoder_decoder: bool = False
     shifted_labels: bool = False
+    first_position: int = 0
 
     @property
     def hidden_size(self) -> int:
@@ -129,9 +133,16 @@ class Locator:
     Subclass it, set ``name``, implement ``matches`` and ``locate``, and
     decorate the class with ``prompthooks.register_locator``. ``locate`` must
     only return references to modules that already exist.
+
+    A locator whose ``matches`` checks a model's classes sets nothing more.
+    One that recognises a layout shared by many classes (attribute names,
+    module types) sets ``structural = True``: it is tried after every
+    class-based locator, and a match is logged (logger ``prompthooks``, level
+    INFO) so a user can see which guess was taken.
     """
 
     name: ClassVar[str] = "unnamed"
+    structural: ClassVar[bool] = False
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 from torch import nn
@@ -9,6 +10,7 @@ from torch import nn
 from .base import Located, Locator
 
 _LOCATORS: list[Locator] = []
+logger = logging.getLogger("prompthooks")
 
 L = TypeVar("L", bound=type[Locator])
 
@@ -26,9 +28,17 @@ def register_locator(cls: L) -> L:
     return cls
 
 
+def _in_order() -> list[Locator]:
+    """Locators that name their classes first, structural ones after them: a
+    model class someone wrote a locator for is never claimed by a guess."""
+    return [loc for loc in _LOCATORS if not loc.structural] + [
+        loc for loc in _LOCATORS if loc.structural
+    ]
+
+
 def registered_locators() -> list[str]:
     """Names of the registered locators, in the order they are tried."""
-    return [loc.name for loc in _LOCATORS]
+    return [loc.name for loc in _in_order()]
 
 
 class UnsupportedModelError(TypeError):
@@ -37,9 +47,16 @@ class UnsupportedModelError(TypeError):
 
 def locate(model: nn.Module) -> Located:
     """Return what prompthooks would hook on ``model``; the model is not changed."""
-    for loc in _LOCATORS:
+    for loc in _in_order():
         if loc.matches(model):
-            return loc.locate(model)
+            located = loc.locate(model)
+            if loc.structural:
+                logger.info(
+                    "prompthooks: %s recognised by its structure (locator %r)",
+                    type(model).__name__,
+                    loc.name,
+                )
+            return located
     raise UnsupportedModelError(
         f"prompthooks does not know how to attach to {type(model).__name__}.\n"
         f"Registered locators: {', '.join(registered_locators())}.\n"

@@ -72,9 +72,11 @@ def shift_positions(position_ids: torch.Tensor, at: torch.Tensor, count: int) ->
     return torch.where(is_virtual, fill_rows.gather(1, offset), shifted.gather(1, source))
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, so left padding changes nothing."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def positions_from_mask(attention_mask: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding changes nothing.
+
+    ``first`` is the position of a row's first token (RoBERTa starts at 2)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + first
 
 
 def strip(x: torch.Tensor, at: torch.Tensor, count: int, dim: int = 1) -> torch.Tensor:

@@ -328,13 +328,14 @@ class PrefixHooks:
         given: torch.Tensor | None = kw.get("position_ids")
         if given is not None:
             return given + offsets
+        first = self.located.first_position
         if mask is not None and mask.ndim == 2:
             if mask.shape[1] == user_past + new:  # the user's own mask (proxy mode)
-                return positions_from_mask(mask)[:, -new:] + offsets
+                return positions_from_mask(mask, first)[:, -new:] + offsets
             # the mask now starts with the prefix's ones, which count as positions
-            return positions_from_mask(mask)[:, -new:] - (counts - offsets)
+            return positions_from_mask(mask, first)[:, -new:] - (counts - offsets)
         device = self.located.embedding.weight.device
-        return torch.arange(new, device=device).unsqueeze(0) + user_past + offsets
+        return torch.arange(new, device=device).unsqueeze(0) + (first + user_past) + offsets
 
     def _causal(self, roles: frozenset[Role]) -> bool:
         return self._causal_roles[roles]

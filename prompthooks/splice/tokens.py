@@ -303,7 +303,8 @@ class SoftPromptHooks:
                 self._inserted[cache] = 0
             mask = kw.get("attention_mask")
             if kw.get("position_ids") is None and mask is not None and self.stack_takes_positions:
-                kw["position_ids"] = positions_from_mask(mask)  # padding changes nothing
+                # padding changes nothing
+                kw["position_ids"] = positions_from_mask(mask, self.located.first_position)
                 return (), kw
             return None
         name, at = plan
@@ -329,7 +330,7 @@ class SoftPromptHooks:
         if positions is not None:
             kw["position_ids"] = shift_positions(positions, at, count)
         elif mask is not None and self.stack_takes_positions:
-            kw["position_ids"] = positions_from_mask(mask)
+            kw["position_ids"] = positions_from_mask(mask, self.located.first_position)
         token_types = kw.get("token_type_ids")
         if token_types is not None:
             kw["token_type_ids"] = insert(token_types, at, token_types.new_zeros(count))
@@ -370,7 +371,7 @@ class SoftPromptHooks:
         if positions is not None:
             kw["position_ids"] = shift_positions_per_row(positions, at, counts, width, front)
         elif self.stack_takes_positions:
-            kw["position_ids"] = positions_from_mask(mask)
+            kw["position_ids"] = positions_from_mask(mask, self.located.first_position)
         token_types = kw.get("token_type_ids")
         if token_types is not None:
             zeros = torch.zeros_like(mixed.fill)
@@ -420,7 +421,7 @@ class SoftPromptHooks:
         if positions is not None:
             kw["position_ids"] = positions + count
         elif mask is not None and self.stack_takes_positions:
-            kw["position_ids"] = positions_from_mask(mask)[:, -new:]
+            kw["position_ids"] = positions_from_mask(mask, self.located.first_position)[:, -new:]
         return (), kw
 
     def _continue_mixed(
@@ -441,7 +442,7 @@ class SoftPromptHooks:
         if positions is not None:
             kw["position_ids"] = positions + mixed.counts.unsqueeze(1)
         elif mask is not None and self.stack_takes_positions:
-            kw["position_ids"] = positions_from_mask(mask)[:, -new:]
+            kw["position_ids"] = positions_from_mask(mask, self.located.first_position)[:, -new:]
         return (), kw
 
     def embed_pre(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
