@@ -78,3 +78,34 @@ def test_vocab_init_copies_vocabulary_rows_and_random_init_is_scaled() -> None:
         std = float(att.prompts["default"].weight.std())
     assert abs(std - float(embed.std())) < 0.3 * float(embed.std())
     assert len(list(att.parameters())) == 1
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """Like Gemma's embedding: the model sees each row multiplied by a scale."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 8.0
+
+
+def test_init_starts_from_what_a_scaled_embedding_outputs() -> None:
+    """Text, vocab and random init match the vectors the model actually sees,
+    not the raw rows of an embedding that scales them (Gemma, PEFT's behaviour)."""
+    model = tiny("llama")
+    old = model.model.embed_tokens
+    scaled = _ScaledEmbedding(old.num_embeddings, old.embedding_dim)
+    scaled.weight = old.weight
+    model.model.embed_tokens = scaled
+    tok = word_tokenizer()
+    spec = ph.PromptTuning(4, init="text", init_text="w7 w9", tokenizer=tok)
+    with ph.attach(model, spec) as att:
+        table = att.prompts["default"].weight.detach()
+        assert torch.equal(table, 8.0 * old.weight.detach()[[7, 9, 7, 9]])
+    with ph.attach(model, ph.PromptTuning(6, init="vocab")) as att:
+        table = att.prompts["default"].weight.detach()
+        rows = 8.0 * old.weight.detach()
+        assert all(any(torch.equal(row, e) for e in rows) for row in table)
+    torch.manual_seed(0)
+    with ph.attach(model, ph.PromptTuning(300, init="random")) as att:
+        std = float(att.prompts["default"].weight.std())
+    seen = 8.0 * float(old.weight.std())
+    assert abs(std - seen) < 0.2 * seen

@@ -81,16 +81,17 @@ class PromptTuning:
         return f"PromptTuning(num_virtual_tokens={self.num_virtual_tokens}, init={self.init!r})"
 
     def build(self, located: Located) -> PromptTable:
-        weight = located.embedding.weight.detach()
+        embedding = located.embedding
+        weight = embedding.weight.detach()
         n = self.num_virtual_tokens
         if self.init == "random":
-            table = torch.randn(n, weight.shape[1], device=weight.device) * weight.float().std()
+            table = torch.randn(n, weight.shape[1], device=weight.device) * _output_std(embedding)
         elif self.init == "vocab":
-            table = weight[torch.randint(0, weight.shape[0], (n,), device=weight.device)]
+            table = _looked_up(embedding, torch.randint(0, weight.shape[0], (n,)))
         else:
             text_ids = self._text_ids(located.vocab_size)
             repeated = (text_ids * -(-n // len(text_ids)))[:n]
-            table = weight[torch.tensor(repeated, device=weight.device)]
+            table = _looked_up(embedding, torch.tensor(repeated))
         return PromptTable(table)
 
     def _text_ids(self, vocab_size: int) -> list[int]:
@@ -105,3 +106,21 @@ class PromptTuning:
                 f"{vocab_size} rows: is it the model's own tokenizer?"
             )
         return ids
+
+
+def _looked_up(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """What the model's embedding module gives for ``ids``: a subclass may scale
+    its rows (Gemma multiplies by sqrt(hidden size)), so the rows alone would
+    start the prompt at the wrong magnitude."""
+    with torch.no_grad():
+        out: torch.Tensor = embedding(ids.to(embedding.weight.device))
+    return out.detach()
+
+
+def _output_std(embedding: nn.Embedding) -> torch.Tensor:
+    """Spread of the embedding's outputs, the scale of a random prompt."""
+    weight = embedding.weight.detach()
+    if type(embedding) is nn.Embedding:  # outputs are the rows
+        return weight.float().std()
+    sample = torch.randint(0, weight.shape[0], (min(4096, weight.shape[0]),))
+    return _looked_up(embedding, sample).float().std()
