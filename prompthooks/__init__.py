@@ -15,6 +15,7 @@ from .locators import (
     locate,
     register_locator,
     registered_locators,
+    unregister_locator,
 )
 from .methods import PrefixTuning, PromptTuning, PTuning, SoftPrompt
 from .templates import TemplateBatch, fill_template
@@ -39,4 +40,5 @@ __all__ = [
     "register_locator",
     "registered_locators",
     "tune",
+    "unregister_locator",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 from .locators import Located, locate
 from .methods.base import PromptSpec, SoftPrompt
 from .splice.bank import PromptBank
+from .splice.inputs import InputPrefixHooks
 from .splice.prefix import PrefixHooks
 from .splice.tokens import SoftPromptHooks
 
@@ -28,6 +29,20 @@ ATTRIBUTE = "prompthooks"
 DEFAULT = "default"
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Attachment] = weakref.WeakKeyDictionary()
+
+
+def _prefix_hooks(located: Located, bank: PromptBank) -> PrefixHooks | InputPrefixHooks:
+    """The prefix mechanism the model's attention sites take (see ``AttentionSite.prefix_in``)."""
+    kinds = {site.prefix_in for site in located.sites}
+    if kinds == {"inputs"}:
+        return InputPrefixHooks(located, bank)
+    if kinds <= {"cache", "projections"}:  # PrefixHooks serves both (DistilBERT: projections)
+        return PrefixHooks(located, bank)
+    raise ValueError(
+        f"locator {located.locator!r} mixes attention sites whose prefix enters through the "
+        "cache with sites whose prefix enters through the key/value inputs; one prefix "
+        "needs sites of one kind"
+    )
 
 
 def _build(prompt: PromptLike, located: Located) -> SoftPrompt:
@@ -73,11 +88,11 @@ class Attachment:
         self.prompts = nn.ModuleDict(built)
         self.bank = PromptBank(built, self.located.vocab_size)
         kinds = {p.kind for p in built.values()}
-        hooks: list[SoftPromptHooks | PrefixHooks] = []
+        hooks: list[SoftPromptHooks | PrefixHooks | InputPrefixHooks] = []
         if "tokens" in kinds:
             hooks.append(SoftPromptHooks(self.located, self.bank, strip_outputs=strip))
         if "prefix" in kinds:
-            prefix_hooks = PrefixHooks(self.located, self.bank)
+            prefix_hooks = _prefix_hooks(self.located, self.bank)
             hooks.append(prefix_hooks)
             self.bank.prefix_width = prefix_hooks.width_in
         self._flags = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -6,6 +6,9 @@
   hand, the cross-attention keys computed from the encoder output by hand;
 * T5 encoder: a hand-written encoder forward (attention written out with
   ``einsum``, the model's own norms, projections and feed-forward weights).
+* BART: a hand-written encoder; the decoder given a hand-filled
+  ``EncoderDecoderCache`` or, where positions must not count the prefix,
+  written out as well.
 
 The prefix table layout is the documented one (DESIGN.md section 6):
 ``table.view(P, sites, 2, H_kv, D)``, sites in ``ph.locate(model).sites`` order.
@@ -174,3 +177,163 @@ def t5_logits(
     )
     logits: torch.Tensor = out.logits
     return logits
+
+
+# -- BART ---------------------------------------------------------------------------
+
+
+def _bart_attention(
+    attn: Any,
+    x: torch.Tensor,
+    memory: torch.Tensor,
+    prefix: tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """BART attention written out: scaled dot product, additive mask, prefix keys first."""
+    b, q, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    query = attn.q_proj(x).view(b, q, h, d).transpose(1, 2)
+    key = attn.k_proj(memory).view(b, -1, h, d).transpose(1, 2)
+    value = attn.v_proj(memory).view(b, -1, h, d).transpose(1, 2)
+    key = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2)
+    scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * d**-0.5 + mask
+    out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), value)
+    result: torch.Tensor = attn.out_proj(out.transpose(1, 2).reshape(b, q, h * d))
+    return result
+
+
+def _additive(keep: torch.Tensor) -> torch.Tensor:
+    """(B, K) or (B, Q, K) 0/1 -> additive (B, 1, Q or 1, K)."""
+    keep = keep.float()
+    blocked = (1 - keep) * torch.finfo(torch.float32).min
+    return blocked[:, None, None, :] if keep.ndim == 2 else blocked[:, None]
+
+
+def _bart_positions(stack: Any, length: int, start: int) -> torch.Tensor:
+    """Learned positions ``start .. start + length - 1`` (BART stores p in row p + 2)."""
+    rows = [p + 2 for p in range(start, start + length)]
+    weight: torch.Tensor = stack.embed_positions.weight
+    return weight[torch.tensor(rows)][None]
+
+
+def bart_encoder(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    kv: list[tuple[torch.Tensor, ...]],
+    start: int,
+) -> torch.Tensor:
+    """The BART encoder (post-norm) with prefix ``kv[i]`` in layer i's
+    self-attention; real tokens at positions ``start, start + 1, ...``."""
+    encoder = model.get_encoder()
+    p = kv[0][0].shape[2]
+    x = encoder.embed_tokens(ids) + _bart_positions(encoder, ids.shape[1], start)
+    x = encoder.layernorm_embedding(x)
+    additive = _additive(torch.cat([torch.ones(ids.shape[0], p), mask.float()], dim=1))
+    for i, layer in enumerate(encoder.layers):
+        x = layer.self_attn_layer_norm(x + _bart_attention(layer.self_attn, x, x, kv[i], additive))
+        ff = layer.fc2(layer.activation_fn(layer.fc1(x)))
+        x = layer.final_layer_norm(x + ff)
+    out: torch.Tensor = x
+    return out
+
+
+def bart_decoder_by_hand(
+    model: Any,
+    encoded: torch.Tensor,
+    mask: torch.Tensor,
+    decoder_ids: torch.Tensor,
+    self_kv: list[tuple[torch.Tensor, ...]],
+    cross_kv: list[tuple[torch.Tensor, ...]],
+    start: int,
+) -> torch.Tensor:
+    """The BART decoder written out, to logits: decoder tokens at positions
+    ``start, start + 1, ...``; self-attention sees its prefix and earlier
+    tokens, cross-attention its prefix and the unmasked encoder keys."""
+    decoder = model.get_decoder()
+    b, n = decoder_ids.shape
+    p = self_kv[0][0].shape[2]
+    x = decoder.embed_tokens(decoder_ids) + _bart_positions(decoder, n, start)
+    x = decoder.layernorm_embedding(x)
+    causal = torch.tensor(
+        [[1.0] * p + [1.0 if j <= i else 0.0 for j in range(n)] for i in range(n)]
+    )
+    self_mask = _additive(causal[None].expand(b, -1, -1))
+    cross_mask = _additive(torch.cat([torch.ones(b, p), mask.float()], dim=1))
+    for i, layer in enumerate(decoder.layers):
+        x = layer.self_attn_layer_norm(
+            x + _bart_attention(layer.self_attn, x, x, self_kv[i], self_mask)
+        )
+        cross = _bart_attention(layer.encoder_attn, x, encoded, cross_kv[i], cross_mask)
+        x = layer.encoder_attn_layer_norm(x + cross)
+        ff = layer.fc2(layer.activation_fn(layer.fc1(x)))
+        x = layer.final_layer_norm(x + ff)
+    logits: torch.Tensor = model.lm_head(x) + model.final_logits_bias
+    return logits
+
+
+def bart_decoder_with_cache(
+    model: Any,
+    encoded: torch.Tensor,
+    mask: torch.Tensor,
+    decoder_ids: torch.Tensor,
+    self_kv: list[tuple[torch.Tensor, ...]],
+    cross_kv: list[tuple[torch.Tensor, ...]],
+) -> torch.Tensor:
+    """BART's own decoder given a hand-filled ``EncoderDecoderCache`` (self:
+    the prefix; cross: the prefix + keys computed from the encoder output).
+    BART numbers decoder positions from the cache length, so its tokens sit
+    at ``P, P + 1, ...``: the ``shift_positions=True`` reference."""
+    b, p = decoder_ids.shape[0], self_kv[0][0].shape[2]
+    self_cache, cross_cache = DynamicCache(), DynamicCache()
+    cache = EncoderDecoderCache(self_cache, cross_cache)
+    for i, layer in enumerate(model.get_decoder().layers):
+        cross = layer.encoder_attn
+        h, d = cross.num_heads, cross.head_dim
+        self_cache.update(
+            self_kv[i][0].expand(b, -1, -1, -1), self_kv[i][1].expand(b, -1, -1, -1), i
+        )
+        k = cross.k_proj(encoded).view(b, -1, h, d).transpose(1, 2)
+        v = cross.v_proj(encoded).view(b, -1, h, d).transpose(1, 2)
+        cross_cache.update(
+            torch.cat([cross_kv[i][0].expand(b, -1, -1, -1), k], 2),
+            torch.cat([cross_kv[i][1].expand(b, -1, -1, -1), v], 2),
+            i,
+        )
+        cache.is_updated[i] = True  # the decoder reuses these cross keys as they are
+    # The encoder output only sizes the cross mask here: its keys come from the cache.
+    padded_encoded = torch.cat([torch.zeros(b, p, encoded.shape[-1]), encoded], dim=1)
+    out = model(
+        encoder_outputs=(padded_encoded,),
+        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
+        decoder_input_ids=decoder_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits: torch.Tensor = out.logits
+    return logits
+
+
+def bart_logits(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    decoder_ids: torch.Tensor,
+    table: torch.Tensor,
+    shift: bool,
+) -> torch.Tensor:
+    """Full BART oracle: the hand-written encoder, then the decoder given a
+    hand-filled cache (``shift``) or written out (no shift). Sites in locator
+    order: encoder layers, then (dec_self, cross) per decoder layer."""
+    config = model.config
+    enc_layers, dec_layers = config.encoder_layers, config.decoder_layers
+    h = config.encoder_attention_heads
+    kv = site_kv(table, enc_layers + 2 * dec_layers, h, config.d_model // h)
+    enc_kv, dec_kv = kv[:enc_layers], kv[enc_layers:]
+    p = table.shape[0]
+    encoded = bart_encoder(model, ids, mask, enc_kv, p if shift else 0)
+    self_kv, cross_kv = dec_kv[0::2], dec_kv[1::2]
+    if shift:
+        return bart_decoder_with_cache(model, encoded, mask, decoder_ids, self_kv, cross_kv)
+    return bart_decoder_by_hand(model, encoded, mask, decoder_ids, self_kv, cross_kv, 0)

@@ -16,15 +16,23 @@ from . import (  # noqa: F401  (registration side effect)
     t5,
     torch_mha,
 )
-from .base import AttentionSite, Located, Locator
-from .registry import UnsupportedModelError, locate, register_locator, registered_locators
+from .base import AttentionSite, Located, Locator, PositionTable
+from .registry import (
+    UnsupportedModelError,
+    locate,
+    register_locator,
+    registered_locators,
+    unregister_locator,
+)
 
 __all__ = [
     "AttentionSite",
     "Located",
     "Locator",
+    "PositionTable",
     "UnsupportedModelError",
     "locate",
     "register_locator",
     "registered_locators",
+    "unregister_locator",
 ]

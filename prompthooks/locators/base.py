@@ -8,9 +8,11 @@ the `Located` record, so the rest of the library never imports a model class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 Role = Literal["self", "enc_self", "dec_self", "cross"]
@@ -32,6 +34,24 @@ class AttentionSite:
             prefix makes wrong, so the hook must build one.
         mask_arg, cache_arg: names of the forward keyword arguments that hold
             the 4-D attention mask and the key/value cache.
+        prefix_in: where the prefix enters. ``cache``: as keys and values,
+            through the cache argument (transformers attention modules).
+            ``inputs``: as ``num_kv_heads * head_dim`` wide vectors in front of
+            the module's ``key`` and ``value`` inputs, before their projections
+            (``torch.nn.MultiheadAttention``, which takes no cache); with
+            invertible projections this reaches any key and value.
+            ``projections``: as rows of ``key_proj`` / ``value_proj``'s outputs,
+            for attention modules that take no cache and compute keys, values
+            and queries from one ``hidden_states`` input (DistilBERT): the
+            module gets P leading input rows whose key and value projections
+            are replaced by the prefix, and their P query rows are dropped
+            from its output.
+        key_proj, value_proj: the key and value projections (``projections`` only).
+        window: a sliding-window layer's window: a query at cache index ``q``
+            sees keys ``k`` with ``q - k < window`` (transformers counts the
+            cache, padding included). The prefix sits at the front of the
+            cache, so late queries stop seeing it, as they do when the prefix
+            is in a real cache (``generate``). ``None``: no window.
     """
 
     module: nn.Module
@@ -42,6 +62,34 @@ class AttentionSite:
     causal: bool = True
     mask_arg: str = "attention_mask"
     cache_arg: str = "past_key_values"
+    prefix_in: Literal["cache", "inputs", "projections"] = "cache"
+    key_proj: nn.Module | None = None
+    value_proj: nn.Module | None = None
+    window: int | None = None
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """A learned position embedding that numbers its stack's positions itself
+    (from the sequence length, or the length of the cache it is given) and
+    takes no position ids from the stack (BART).
+
+    A prefix changes that numbering: in a cache it counts as P earlier tokens,
+    without one it counts as nothing. A forward hook on ``module`` replaces its
+    output with ``lookup`` of the positions ``shift_positions`` asks for, so a
+    call with a cache, one without and a decode step all agree.
+
+    Attributes:
+        module: the position embedding.
+        role: the stack it belongs to: ``self`` / ``enc_self`` for the input
+            stack, ``dec_self`` for a decoder.
+        lookup: position ids ``(B, L)`` -> embeddings ``(B, L, D)``, as the
+            module computes them.
+    """
+
+    module: nn.Module
+    role: Role
+    lookup: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,6 +116,8 @@ class Located:
         first_position: the position id of a row's first token. Positions the
             hooks compute from the attention mask start here (RoBERTa numbers
             its positions from ``padding_idx + 1``).
+        position_tables: position embeddings whose stacks take no position
+            ids, renumbered by the prefix hooks (see ``PositionTable``).
     """
 
     locator: str
@@ -81,6 +131,7 @@ class Located:
     is_encoder_decoder: bool = False
     shifted_labels: bool = False
     first_position: int = 0
+    position_tables: tuple[PositionTable, ...] = ()
 
     @property
     def hidden_size(self) -> int:
@@ -117,14 +168,33 @@ class Located:
             lines.append(f"  encoder masks   : {readers}")
         lines.append(f"  max positions   : {self.max_positions}")
         lines.append(f"  [CLS] first     : {self.cls_first}")
+        if self.shifted_labels:
+            lines.append("  shifted labels  : True (a causal LM head)")
+        if self.first_position:
+            lines.append(f"  first position  : {self.first_position}")
+        if self.position_tables:
+            tables = ", ".join(name(t.module) for t in self.position_tables)
+            lines.append(f"  position tables : {tables}")
         lines.append(f"  attention sites : {len(self.sites)}")
         for s in self.sites:
             lines.append(
                 f"    {s.role:<8} layer {s.layer:>2}  {name(s.module)}  "
                 f"kv_heads={s.num_kv_heads} head_dim={s.head_dim}"
                 + ("" if s.causal else "  (bidirectional)")
+                + ("" if s.window is None else f"  window={s.window}")
+                + _kwarg_names(s)
             )
         return "\n".join(lines)
+
+
+def _kwarg_names(site: AttentionSite) -> str:
+    """The site's mask and cache keyword names where they are not the usual ones."""
+    unusual = []
+    if site.mask_arg != "attention_mask":
+        unusual.append(f"mask={site.mask_arg}")
+    if site.cache_arg != "past_key_values":
+        unusual.append(f"cache={site.cache_arg}")
+    return "  " + " ".join(unusual) if unusual else ""
 
 
 class Locator:

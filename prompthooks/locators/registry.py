@@ -28,6 +28,20 @@ def register_locator(cls: L) -> L:
     return cls
 
 
+def unregister_locator(name: str) -> None:
+    """Forget the locator registered under ``name``; undoes ``register_locator``.
+
+    The registry is global, so a test or a notebook that registers a locator for
+    a while removes it again with this. Raises ``KeyError`` for an unknown name.
+    """
+    if all(loc.name != name for loc in _LOCATORS):
+        raise KeyError(
+            f"no locator named {name!r} is registered; registered: "
+            f"{', '.join(registered_locators())}"
+        )
+    _LOCATORS[:] = [loc for loc in _LOCATORS if loc.name != name]
+
+
 def _in_order() -> list[Locator]:
     """Locators that name their classes first, structural ones after them: a
     model class someone wrote a locator for is never claimed by a guess."""
@@ -68,5 +82,7 @@ def locate(model: nn.Module) -> Located:
         "        def matches(self, model): return isinstance(model, MyModel)\n"
         "        def locate(self, model): return ph.Located(locator=self.name, "
         "model=model, embedding=..., input_stack=..., encoder_mask_readers=(), "
-        "sites=(), max_positions=...)\n"
+        "sites=(), max_positions=...)\n\n"
+        "A worked example: README, 'Teaching prompthooks a new architecture', and "
+        "integrations/custom_locator.py.\n"
     )

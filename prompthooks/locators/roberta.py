@@ -1,1 +1,62 @@
-"""(being written)"""
+"""RoBERTa: ``RobertaModel`` and its heads (sequence classification, masked LM,
+token classification, ...). ``<s>`` (RoBERTa's ``[CLS]``) stays first; prompts
+go after it.
+
+RoBERTa numbers its positions from ``padding_idx + 1`` (2 for the released
+checkpoints): position ``padding_idx`` is reserved for pad tokens. The hooks
+number a row's first token from there, and the usable length is the position
+table minus that offset (514 - 2 = 512).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.models.roberta.modeling_roberta import (
+    RobertaForCausalLM,
+    RobertaModel,
+    RobertaPreTrainedModel,
+)
+
+from .base import AttentionSite, Located, Locator
+from .registry import register_locator
+
+
+@register_locator
+class RobertaLocator(Locator):
+    name = "roberta"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, RobertaPreTrainedModel)
+
+    def locate(self, model: nn.Module) -> Located:
+        stack: Any = model if isinstance(model, RobertaModel) else model.roberta
+        # Self-attention only: a decoder's cross-attention (``add_cross_attention``)
+        # reads an encoder this library does not see, so it gets no prefix.
+        sites = tuple(
+            AttentionSite(
+                module=layer.attention.self,
+                role="self",
+                layer=i,
+                num_kv_heads=int(layer.attention.self.num_attention_heads),
+                head_dim=int(layer.attention.self.attention_head_size),
+                causal=bool(layer.attention.self.is_causal),
+            )
+            for i, layer in enumerate(stack.encoder.layer)
+        )
+        embeddings = stack.embeddings
+        first = int(embeddings.padding_idx) + 1
+        return Located(
+            locator=self.name,
+            model=model,
+            embedding=embeddings.word_embeddings,
+            input_stack=stack,
+            encoder_mask_readers=(),
+            sites=sites,
+            max_positions=int(embeddings.position_embeddings.num_embeddings) - first,
+            cls_first=True,
+            # RobertaForCausalLM (``is_decoder=True``) predicts token t + 1 at t.
+            shifted_labels=isinstance(model, RobertaForCausalLM),
+            first_position=first,
+        )

@@ -23,7 +23,11 @@ reaches its attention sites:
   the 2-D mask and positions are adjusted.
 
 Positions: with ``shift_positions`` real tokens start at position P, as if the
-prefix were P earlier tokens (PEFT's convention); otherwise at 0.
+prefix were P earlier tokens (PEFT's convention); otherwise at 0. Stacks that
+take position ids get them; stacks that number positions themselves (BART:
+from the sequence length and the cache length, where a prefix in the cache
+counts and a prefix given by proxy does not) have their position tables
+(``Located.position_tables``) renumbered by a forward hook.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..kernels import prefix_concat
 from ..kernels.concat import accumulation_dtype, per_row
-from ..locators.base import AttentionSite, Located, Role
+from ..locators.base import AttentionSite, Located, PositionTable, Role
 from ..methods.prefix_tuning import Prefix
 from .bank import PromptBank
 from .caches import capacity, layer_cache, make_room
@@ -74,6 +78,29 @@ class PrefixedKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.keys.shape[-2])
+
+
+class StoredPrefixedKV(PrefixedKV):
+    """Stands in for a sliding-window cache the model made inside its forward,
+    whose layer already holds the prefix: updates are stored in it, and
+    ``[prefix ; new]`` is returned whole. The layer itself returns only its
+    last ``window - 1`` stored keys in front of the new ones, fewer columns
+    than the padded mask has once the prefix is that long; the keys it drops
+    are the ones the window hides anyway.
+    """
+
+    def __init__(self, cache: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__(keys, values)
+        self.cache = cache
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.update(key_states, value_states, *args, **kwargs)
+        return super().update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.cache.get_seq_length(layer_idx))
 
 
 @dataclass(frozen=True)
@@ -114,9 +141,29 @@ def pad_mask(
     causal: bool,
     dtype: torch.dtype,
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor | None:
-    """Give a 4-D attention mask the prefix's leading key columns."""
+    """Give a 4-D attention mask the prefix's leading key columns.
+
+    With a sliding ``window`` (proxy mode: no past, so query i sits at cache
+    index ``width + i``), prefix slot s is seen only while ``width + i - s <
+    window``, as the model's own mask would have it with the prefix cached.
+    """
     width = rows.width
+    if window is not None:
+        queries = torch.arange(query_length, device=device).unsqueeze(1) + width
+        seen = queries - torch.arange(width, device=device) < window  # (Q, W)
+        # Real keys keep the model's own window (it built the mask, or left it
+        # out because the real keys alone fit in the window).
+        real = torch.ones(query_length, query_length, dtype=torch.bool, device=device)
+        windowed = pad_mask(mask, rows, query_length, causal, dtype, device)
+        if windowed is None:
+            size = (1, 1, query_length, width + query_length)
+            windowed = torch.zeros(size, dtype=dtype, device=device)
+        allowed = torch.cat([seen, real], dim=1)[None, None]
+        if windowed.dtype == torch.bool:
+            return windowed & allowed
+        return windowed.masked_fill(~allowed, torch.finfo(windowed.dtype).min)
     if mask is None:
         if not causal and rows.keep is None:
             return None  # no mask means "attend everything", prefix included
@@ -142,6 +189,45 @@ def pad_mask(
     return torch.cat([_front(mask, rows), mask], dim=-1)
 
 
+def build_rows(bank: PromptBank, sites: int, batch: int) -> tuple[PrefixRows, KeyValues]:
+    """One call's prefix layout and per-site keys/values (each prefix runs once)."""
+    rows = bank.per_row(batch)
+    if rows is None:
+        prefix = bank.prompts[bank.active()]
+        assert isinstance(prefix, Prefix)
+        count = prefix.num_virtual_tokens
+        offset = count if prefix.shift_positions else 0
+        return PrefixRows(count, None, count, offset, offset), prefix.key_values()
+    # Rows whose prompt is a soft prompt (served by the token hooks) get no prefix:
+    # all their slots are masked.
+    named = {n: bank.prompts[n] for n in dict.fromkeys(rows)}
+    prefixes = [p for p in named.values() if isinstance(p, Prefix)]
+    distinct = [n for n, p in named.items() if isinstance(p, Prefix)]
+    per_prefix = [p.key_values() for p in prefixes]
+    width = max(p.num_virtual_tokens for p in prefixes)
+    device = per_prefix[0][0][0].device
+    none = len(distinct)  # index of the all-masked "no prefix" entry
+    pick = torch.tensor([distinct.index(r) if r in distinct else none for r in rows], device=device)
+    kv: KeyValues = []
+    for site in range(sites):
+        parts = []
+        for part in (0, 1):
+            # Picked in at least fp32, so rows that share a prefix add up its gradient there.
+            blocks = [_right_aligned(_wide(kvs[site][part]), width) for kvs in per_prefix]
+            blocks.append(torch.zeros_like(blocks[0]))
+            parts.append(torch.stack(blocks)[pick])  # (B, H, W, D)
+        kv.append((parts[0], parts[1]))
+    lengths = torch.tensor([p.num_virtual_tokens for p in prefixes] + [0], device=device)
+    lengths = lengths[pick]
+    shifts = torch.tensor([p.shift_positions for p in prefixes] + [False], device=device)
+    shifts = shifts[pick]
+    keep = torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    counts = lengths.unsqueeze(1)
+    largest = max(p.num_virtual_tokens if p.shift_positions else 0 for p in prefixes)
+    offsets = counts * shifts.unsqueeze(1)
+    return PrefixRows(width, keep, counts, offsets, largest), kv
+
+
 class PrefixHooks:
     """The hook functions of one attachment's prefixes, sharing per-call state."""
 
@@ -156,9 +242,13 @@ class PrefixHooks:
         self._reentrant: set[int] = set()  # sites inside reentrant checkpoints this call
         # The last mask each role was given and its padded form: layers share one mask.
         self._padded: dict[Role, tuple[Any, torch.Tensor | None]] = {}
+        self._windowed: dict[tuple[Role, int], tuple[Any, torch.Tensor | None]] = {}
         # Caches that hold a prefix at their front, and how it is laid out.
         self.prefixed: weakref.WeakKeyDictionary[Any, PrefixRows] = weakref.WeakKeyDictionary()
         self._takes_positions: dict[nn.Module, bool] = {}
+        # Per stack side, the position of the current call's first new token, for
+        # the stacks that number positions themselves (int, or (B, 1) per row).
+        self._starts: dict[frozenset[Role], torch.Tensor | int] = {}
         self._handles: list[RemovableHandle] = []
         self._has_sites = {
             roles: any(s.role in roles for s in self.sites) for roles in (INPUT_SIDE, DECODER_SIDE)
@@ -181,8 +271,13 @@ class PrefixHooks:
         # hooks inside a forward call would break a ``torch.compile`` graph. A hook
         # with nothing to do (cache mode, decode steps) returns at once.
         for index, site in enumerate(self.sites):
+            if site.prefix_in == "projections":
+                self._handles += self._projection_hooks(index, site)
+                continue
             hook = self._attention_hook(index, site)
             self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+        for table in loc.position_tables:
+            self._handles.append(table.module.register_forward_hook(self._renumber_hook(table)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -190,44 +285,7 @@ class PrefixHooks:
         self._handles = []
 
     def _build(self, batch: int) -> tuple[PrefixRows, KeyValues]:
-        """This call's layout and per-site keys/values (the prefixes run once each)."""
-        rows = self.bank.per_row(batch)
-        if rows is None:
-            prefix = self.bank.prompts[self.bank.active()]
-            assert isinstance(prefix, Prefix)
-            count = prefix.num_virtual_tokens
-            offset = count if prefix.shift_positions else 0
-            return PrefixRows(count, None, count, offset, offset), prefix.key_values()
-        # Rows whose prompt is a soft prompt (served by the token hooks) get no prefix:
-        # all their slots are masked.
-        named = {n: self.bank.prompts[n] for n in dict.fromkeys(rows)}
-        prefixes = [p for p in named.values() if isinstance(p, Prefix)]
-        distinct = [n for n, p in named.items() if isinstance(p, Prefix)]
-        per_prefix = [p.key_values() for p in prefixes]
-        width = max(p.num_virtual_tokens for p in prefixes)
-        device = per_prefix[0][0][0].device
-        none = len(distinct)  # index of the all-masked "no prefix" entry
-        pick = torch.tensor(
-            [distinct.index(r) if r in distinct else none for r in rows], device=device
-        )
-        kv: KeyValues = []
-        for site in range(len(self.sites)):
-            parts = []
-            for part in (0, 1):
-                # Picked in at least fp32, so rows that share a prefix add up its gradient there.
-                blocks = [_right_aligned(_wide(kvs[site][part]), width) for kvs in per_prefix]
-                blocks.append(torch.zeros_like(blocks[0]))
-                parts.append(torch.stack(blocks)[pick])  # (B, H, W, D)
-            kv.append((parts[0], parts[1]))
-        lengths = torch.tensor([p.num_virtual_tokens for p in prefixes] + [0], device=device)
-        lengths = lengths[pick]
-        shifts = torch.tensor([p.shift_positions for p in prefixes] + [False], device=device)
-        shifts = shifts[pick]
-        keep = torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-        counts = lengths.unsqueeze(1)
-        largest = max(p.num_virtual_tokens if p.shift_positions else 0 for p in prefixes)
-        offsets = counts * shifts.unsqueeze(1)
-        return PrefixRows(width, keep, counts, offsets, largest), kv
+        return build_rows(self.bank, len(self.sites), batch)
 
     def width_in(self, cache: object) -> int:
         """Prefix slots ``cache`` holds in front of the tokens (0 if none)."""
@@ -250,16 +308,19 @@ class PrefixHooks:
         self._cross_count = 0
         self._reentrant = set()
         self._padded = {}
+        self._windowed = {}
         return self._stack_pre(module, args, kwargs, INPUT_SIDE)
 
     def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         self._proxy -= DECODER_SIDE
         self._padded = {}
+        self._windowed = {}
         return self._stack_pre(module, args, kwargs, DECODER_SIDE)
 
     def _stack_pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs, roles: frozenset[Role]
     ) -> Any:
+        self._starts.pop(roles, None)
         if not self._has_sites[roles]:
             return None
         width = self._expected_width()
@@ -315,6 +376,7 @@ class PrefixHooks:
         if "cross" in roles:
             self._cross_count = width
         self._check_length(module, user_past + new + rows.largest_offset)
+        self._starts[roles] = user_past + rows.offsets
         if self._stack_takes_positions(module):
             kw["position_ids"] = self._positions(kw, mask, user_past, new)
         return (), kw
@@ -332,8 +394,12 @@ class PrefixHooks:
         if mask is not None and mask.ndim == 2:
             if mask.shape[1] == user_past + new:  # the user's own mask (proxy mode)
                 return positions_from_mask(mask, first)[:, -new:] + offsets
-            # the mask now starts with the prefix's ones, which count as positions
-            return positions_from_mask(mask, first)[:, -new:] - (counts - offsets)
+            # the mask now starts with the prefix's ones, which count as positions.
+            # Left pads after them would land below ``first`` without the shift
+            # (-1 breaks GPT-2's and GPT-J's position lookups); pads are masked,
+            # so any valid position does.
+            positions = positions_from_mask(mask, first)[:, -new:] - (counts - offsets)
+            return positions.clamp(min=first)
         device = self.located.embedding.weight.device
         return torch.arange(new, device=device).unsqueeze(0) + (first + user_past) + offsets
 
@@ -364,6 +430,22 @@ class PrefixHooks:
             if site.role in roles:
                 keys, values = self._kv[index]
                 self._write(cache, site, keys, values, batch, dtype)
+
+    def _renumber_hook(
+        self, table: PositionTable
+    ) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], Any]:
+        """A forward hook that gives a position table's output the positions of
+        this call's new tokens: ``start, start + 1, ...`` (see ``_stack_pre``)."""
+        roles = INPUT_SIDE if table.role in INPUT_SIDE else DECODER_SIDE
+
+        def renumber(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+            start = self._starts.get(roles)
+            if start is None:
+                return None
+            length = output.shape[-2]
+            return table.lookup(torch.arange(length, device=output.device).unsqueeze(0) + start)
+
+        return renumber
 
     # -- attention ---------------------------------------------------------------
 
@@ -399,18 +481,130 @@ class PrefixHooks:
                 else:  # a cache the model made inside its forward: keep the prefix in it
                     dtype = cached_dtype(hidden.dtype, hidden.device)
                     self._write(cache, site, keys, values, batch, dtype)
+                    if site.window is not None:
+                        kw[site.cache_arg] = StoredPrefixedKV(cache, keys, values)
             mask = kw.get(site.mask_arg)
-            seen = self._padded.get(site.role)
-            if seen is not None and seen[0] is mask:  # every layer gets the same mask
+            # Layers of one role share a mask; sliding-window layers share theirs.
+            window = site.window
+            if window is None:
+                seen = self._padded.get(site.role)
+            else:
+                seen = self._windowed.get((site.role, window))
+            if seen is not None and seen[0] is mask:
                 kw[site.mask_arg] = seen[1]
             else:
                 causal = site.causal and site.role != "cross"
-                padded = pad_mask(mask, rows, hidden.shape[1], causal, hidden.dtype, hidden.device)
-                self._padded[site.role] = (mask, padded)
+                padded = pad_mask(
+                    mask, rows, hidden.shape[1], causal, hidden.dtype, hidden.device, window
+                )
+                if window is None:
+                    self._padded[site.role] = (mask, padded)
+                else:
+                    self._windowed[(site.role, window)] = (mask, padded)
                 kw[site.mask_arg] = padded
             return args, kw
 
         return attention_pre
+
+    # -- attention that takes no cache: through the key/value projections -------
+
+    def _projection_hooks(self, index: int, site: AttentionSite) -> list[RemovableHandle]:
+        """Hooks for a site with ``prefix_in="projections"`` (DistilBERT).
+
+        The module's ``hidden_states`` get W leading zero rows; the forward
+        hooks on its key and value projections replace those rows' outputs
+        with the prefix, so the attention sees ``[prefix ; keys]``. The W query
+        rows they add attend to every key (no row is fully masked, so no NaN
+        reaches a gradient) and are dropped from the module's output.
+        """
+        key_proj, value_proj = site.key_proj, site.value_proj
+        if key_proj is None or value_proj is None:
+            raise TypeError(
+                f"attention site at layer {site.layer} has prefix_in='projections' but no "
+                "key_proj / value_proj module"
+            )
+        # This call's prefix keys and values while the module runs; empty otherwise.
+        armed: dict[str, Any] = {}
+
+        def attention_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+            armed.clear()
+            rows = self._rows
+            if rows is None:
+                return None
+            if site.role not in self._proxy:
+                raise TypeError(
+                    f"{type(module).__name__} takes no key/value cache, so a prefix cannot "
+                    "be given as a past: call the model without past_key_values"
+                )
+            if len(args) > 1:
+                kw, args = bind_kwargs(module, args, kwargs), ()
+            else:
+                kw = dict(kwargs)
+            hidden = args[0] if args else kw["hidden_states"]
+            width = rows.width
+            zeros = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+            extended = torch.cat([zeros, hidden], dim=1)
+            if args:
+                args = (extended,)
+            else:
+                kw["hidden_states"] = extended
+            armed["kv"] = self._proxy_kv(index, hidden.shape[0])
+            armed["width"] = width
+            mask = kw.get(site.mask_arg)
+            seen = self._padded.get(site.role)
+            if seen is not None and seen[0] is mask:  # every layer gets the same mask
+                kw[site.mask_arg] = seen[1]
+                return args, kw
+            padded = pad_mask(mask, rows, hidden.shape[1], site.causal, hidden.dtype, hidden.device)
+            if padded is not None and padded.shape[-2] != 1:  # one mask row per query
+                attend = True if padded.dtype == torch.bool else 0.0
+                front = padded.new_full((*padded.shape[:-2], width, padded.shape[-1]), attend)
+                padded = torch.cat([front, padded], dim=-2)
+            self._padded[site.role] = (mask, padded)
+            kw[site.mask_arg] = padded
+            return args, kw
+
+        def projected(part: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], Any]:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+                if "kv" not in armed:
+                    return None
+                width = armed["width"]
+                b, length = output.shape[0], output.shape[1] - width
+                real = output[:, width:].view(b, length, site.num_kv_heads, site.head_dim)
+                joined = prefix_concat(armed["kv"][part], real.transpose(1, 2))
+                return joined.transpose(1, 2).reshape(b, width + length, -1)
+
+            return hook
+
+        def attention_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if "kv" not in armed:
+                return None
+            width = armed["width"]
+            armed.clear()
+            if isinstance(output, tuple):  # (attention output, weights or None)
+                weights = output[1] if len(output) > 1 else None
+                if isinstance(weights, torch.Tensor):  # (B, H, queries, keys): drop queries
+                    weights = weights[:, :, width:]
+                return (output[0][:, width:], weights, *output[2:])
+            return output[:, width:]
+
+        return [
+            site.module.register_forward_pre_hook(attention_pre, with_kwargs=True),
+            key_proj.register_forward_hook(projected(0)),
+            value_proj.register_forward_hook(projected(1)),
+            # before transformers' own output recorders (``output_attentions``)
+            site.module.register_forward_hook(attention_post, prepend=True),
+        ]
+
+    def _proxy_kv(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site ``index``'s prefix keys and values for a proxy-mode module call
+        (see the reentrant-checkpoint note in ``_attention_hook``)."""
+        keys, values = self._kv[index]
+        if keys.requires_grad and not torch.is_grad_enabled():
+            self._reentrant.add(index)
+        elif index in self._reentrant:
+            keys, values = self._build(batch)[1][index]
+        return keys, values
 
     def _write(
         self,

@@ -13,7 +13,11 @@ One forward call of a prompted model goes through these, in order:
 4. ``encoder_mask_pre`` on decoders that read the encoder output (T5): their
    ``encoder_attention_mask`` is widened to the prompted encoder length.
 5. ``strip_post`` on the user-facing model: virtual positions are removed from
-   per-position outputs, so the user sees their own sequence length.
+   per-position outputs, so the user sees their own sequence length. When no
+   per-token labels were lengthened, a decoder-only model's input stack
+   strips its own outputs instead (``stack_post``), so heads that index them
+   in the user's view (the last non-pad token of a sequence classifier, the
+   answer span of a question-answering head) read the right positions.
 """
 
 from __future__ import annotations
@@ -139,6 +143,9 @@ class SoftPromptHooks:
         forward_params = inspect.signature(located.input_stack.forward).parameters
         self.stack_takes_positions = "position_ids" in forward_params
         self._insertion: Insertion | None = None
+        # ``model_pre`` lengthened per-token labels: the head's loss needs the
+        # long outputs, so they are stripped after the head, not before it.
+        self._labels_lengthened = False
         self._embed_ids: torch.Tensor | None = None
         # Set by ``stack_pre``, which knows whether the ids hold virtual tokens,
         # so ``embed_pre`` need not look (a host sync). None: not known.
@@ -162,6 +169,8 @@ class SoftPromptHooks:
         ]
         if loc.model is not loc.input_stack:
             handles.append(loc.model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
+            if self.strip_outputs and not loc.is_encoder_decoder:  # a decoder reads the encoder's
+                handles.append(loc.input_stack.register_forward_hook(self.stack_post))
         for reader in loc.encoder_mask_readers:
             handles.append(
                 reader.register_forward_pre_hook(self.encoder_mask_pre, with_kwargs=True)
@@ -242,6 +251,7 @@ class SoftPromptHooks:
         # Forget insertions from calls outside this one (``generate`` runs the
         # T5 encoder on its own), so ``strip_post`` only undoes this call's.
         self._insertion = None
+        self._labels_lengthened = False
         if self.located.is_encoder_decoder or not self._tokens_active():
             return None  # labels belong to the decoder, or no tokens are inserted
         kw = bind_kwargs(module, args, kwargs)
@@ -258,10 +268,12 @@ class SoftPromptHooks:
             labels = self._keep_targets(labels, at, mixed.counts)
             fill = torch.full_like(mixed.fill, -100)
             kw["labels"] = insert_per_row(labels, at, mixed.counts, fill, -100, mixed.pad_front)
+            self._labels_lengthened = True
             return (), kw
         count = self.bank.prompts[name].num_virtual_tokens
         labels = self._keep_targets(labels, at, None)
         kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
+        self._labels_lengthened = True
         return (), kw
 
     def _keep_targets(
@@ -478,6 +490,15 @@ class SoftPromptHooks:
             kw["encoder_attention_mask"] = insert(mask, at, mask.new_ones(extra))
         return (), kw
 
+    def stack_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """Strip the input stack's outputs before the head reads them, unless the
+        head computes a per-token loss from lengthened labels (``strip_post``
+        strips after it then). ``strip_post`` finds nothing left to strip."""
+        lengthened, self._labels_lengthened = self._labels_lengthened, False
+        if lengthened:
+            return None
+        return self.strip_post(module, args, output)
+
     def strip_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         ins, self._insertion = self._insertion, None
         if ins is None:
@@ -489,6 +510,10 @@ class SoftPromptHooks:
                 if stripped is not None and stripped is not value:
                     output[key] = stripped
             return output
+        if self.located.is_encoder_decoder:
+            # Without field names the decoder's outputs cannot be told from the
+            # encoder's; the decoder's are the user's length already.
+            return None
         if isinstance(output, tuple):
             return tuple(_strip_any(v, ins) for v in output)
         return _strip_any(output, ins)

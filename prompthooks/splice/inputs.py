@@ -1,0 +1,186 @@
+"""Prefixes in front of the key and value *inputs* of ``nn.MultiheadAttention``.
+
+``torch.nn.MultiheadAttention`` takes no cache: it projects its ``key`` and
+``value`` inputs itself. A prefix for it lives in the module's input space:
+P vectors go in front of ``key`` and P in front of ``value``, and the module's
+own projections turn them into P keys and P values. When the key and value
+projections are invertible (square and full rank, the usual case) every prefix
+of keys and values has such an input-space form, so nothing is lost against a
+prefix of keys and values, and the prefix's shape is ``(1, P, width)`` per
+site (``AttentionSite(num_kv_heads=1, head_dim=width)``).
+
+One model call goes through:
+
+1. ``model_pre`` (a pre-hook on the user-facing model): forget the last call's
+   prefix and turn PyTorch's MHA fast path off for the call, then back on in
+   ``model_post``. With it on, ``nn.TransformerEncoder`` packs a padded batch
+   into a nested tensor and drops the padding mask before the layers run, which
+   a prefix (an unpadded extra P keys) cannot be put in front of.
+2. ``site_pre`` on every attention module: on the first site of the call the
+   prefixes run once (for the batch size the site sees); each site gets its
+   key and value inputs lengthened by the prefix, and its ``key_padding_mask``
+   and ``attn_mask`` gain P leading columns that attend. ``is_causal`` is
+   dropped: it promises a square causal mask, which the lengthened mask is not.
+
+Mixed batches (``att.use([...])``) give every row ``width`` slots with its own
+prefix right-aligned in them and the slots in front of it masked, as the cache
+sites do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..kernels import prefix_concat
+from ..locators.base import Located
+from .bank import PromptBank
+from .prefix import KeyValues, PrefixRows, build_rows
+from .tokens import Kwargs
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+class InputPrefixHooks:
+    """The hook functions of one attachment's prefixes on ``inputs`` sites."""
+
+    def __init__(self, located: Located, bank: PromptBank) -> None:
+        self.located = located
+        self.bank = bank
+        self.sites = located.sites
+        self._rows: PrefixRows | None = None
+        self._kv: KeyValues | None = None  # built by the call's first site
+        self._fastpath: list[bool] = []  # saved flags, innermost call last
+        self._handles: list[RemovableHandle] = []
+
+    def install(self) -> None:
+        model = self.located.model
+        self._handles = [
+            model.register_forward_pre_hook(self.model_pre, with_kwargs=True),
+            model.register_forward_hook(self.model_post, always_call=True),
+        ]
+        for index in range(len(self.sites)):
+            module = self.sites[index].module
+            hook = self._site_hook(index)
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def width_in(self, cache: object) -> int:
+        """No cache ever holds a prefix of these sites."""
+        return 0
+
+    # -- the model ---------------------------------------------------------------
+
+    def model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> None:
+        self._fastpath.append(torch.backends.mha.get_fastpath_enabled())
+        torch.backends.mha.set_fastpath_enabled(False)
+        self._rows, self._kv = None, None
+
+    def model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._fastpath:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath.pop())
+        self._rows, self._kv = None, None
+
+    # -- attention -----------------------------------------------------------------
+
+    def _site_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], Kwargs], Any]:
+        def site_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+            if not self.bank.selects("prefix"):
+                return None
+            kw = dict(zip(_MHA_ARGS, args, strict=False))
+            kw.update(kwargs)
+            query, key, value = kw["query"], kw["key"], kw["value"]
+            if query.is_nested or key.is_nested:
+                raise RuntimeError(
+                    "prefix: nn.MultiheadAttention got a nested tensor; build it from a "
+                    "padded batch and a key_padding_mask instead"
+                )
+            batched = query.ndim == 3
+            batch_first = bool(getattr(module, "batch_first", False))
+            batch = (query.shape[0] if batch_first else query.shape[1]) if batched else 1
+            if self._kv is None:
+                self._rows, self._kv = build_rows(self.bank, len(self.sites), batch)
+            rows = self._rows
+            assert rows is not None
+            keys, values = self._kv[index]
+            kw["key"] = _prepend(keys, key, batch_first, batched)
+            kw["value"] = _prepend(values, value, batch_first, batched)
+            pad, attn = kw.get("key_padding_mask"), kw.get("attn_mask")
+            length = _length(key, batch_first, batched)
+            if rows.keep is not None and pad is None:  # rows must not see their unused slots
+                pad = torch.zeros(batch, length, dtype=torch.bool, device=key.device)
+            if pad is not None:
+                kw["key_padding_mask"] = _pad_columns(pad, rows, batched)
+            if attn is None and kw.get("is_causal"):
+                # The caller promised a causal mask and let the module skip it; the
+                # prefix makes the mask non-square, so it is written out.
+                queries = _length(query, batch_first, batched)
+                attn = torch.ones(queries, length, dtype=torch.bool, device=key.device).triu(1)
+            if attn is not None:
+                kw["attn_mask"] = _attn_columns(attn, rows)
+            kw["is_causal"] = False
+            return (), kw
+
+        return site_pre
+
+
+def _length(x: torch.Tensor, batch_first: bool, batched: bool) -> int:
+    """Sequence length of a key or value input."""
+    if not batched:
+        return int(x.shape[0])
+    return int(x.shape[1] if batch_first else x.shape[0])
+
+
+def _prepend(
+    prefix: torch.Tensor, x: torch.Tensor, batch_first: bool, batched: bool
+) -> torch.Tensor:
+    """``[prefix ; x]`` along the sequence, in ``x``'s layout and dtype.
+
+    ``prefix`` is ``(1, P, E)`` shared or ``(B, 1, W, E)`` per row; the concat
+    kernel works on ``(B, heads, length, E)``, so ``x`` goes in as one head.
+    """
+    rows = x.unsqueeze(0) if not batched else (x if batch_first else x.transpose(0, 1))
+    out = prefix_concat(prefix, rows.unsqueeze(1)).squeeze(1)
+    if not batched:
+        return out.squeeze(0)
+    return out if batch_first else out.transpose(0, 1)
+
+
+def _pad_columns(mask: torch.Tensor, rows: PrefixRows, batched: bool) -> torch.Tensor:
+    """A ``key_padding_mask`` (True or -inf: ignore) with the prefix's columns in front."""
+    mask2 = mask if batched else mask.unsqueeze(0)
+    front = _front(mask2, rows, mask2.shape[0])
+    out = torch.cat([front, mask2], dim=-1)
+    return out if batched else out.squeeze(0)
+
+
+def _attn_columns(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
+    """An ``attn_mask`` ``(L, S)`` or ``(B * heads, L, S)`` with the prefix's
+    columns in front. Per-row slot masks go in ``key_padding_mask`` instead, so
+    these columns all attend."""
+    shape = (*mask.shape[:-1], rows.width)
+    attend = False if mask.dtype == torch.bool else 0.0
+    return torch.cat([mask.new_full(shape, attend), mask], dim=-1)
+
+
+def _front(mask: torch.Tensor, rows: PrefixRows, batch: int) -> torch.Tensor:
+    """``(B, width)`` leading key-padding columns in ``mask``'s convention."""
+    if rows.keep is None:
+        attend = False if mask.dtype == torch.bool else 0.0
+        return mask.new_full((mask.shape[0], rows.width), attend)
+    ignore = ~rows.keep
+    if ignore.shape[0] != batch:
+        raise ValueError(f"prefix: {ignore.shape[0]} rows in the prefix layout, {batch} here")
+    if mask.dtype == torch.bool:
+        return ignore
+    return torch.zeros(ignore.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+        ignore, float("-inf")
+    )

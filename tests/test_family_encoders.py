@@ -1,0 +1,520 @@
+"""RoBERTa and DistilBERT: [CLS]-first encoders, against independent references.
+
+* Prompt Tuning: the same model fed ``inputs_embeds`` built by hand (prompt
+  right after the first token) with explicit positions. RoBERTa numbers its
+  positions from ``padding_idx + 1``; the oracle does too, written as a loop.
+* Prefix, RoBERTa: the model given a hand-filled ``DynamicCache`` (its own
+  past-key-values path), and PEFT's P-tuning v2 given the same prefix.
+* Prefix, DistilBERT: its attention takes no cache, so the reference is a
+  hand-written encoder forward (attention written out with ``einsum``; the
+  model's own projections, norms and feed-forward weights).
+* The sequence-classification heads read ``[CLS]``: their logits equal the
+  oracle's, and differ from a layout that puts the prompt in front of it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from models import same_snapshot, snapshot
+from peft import PrefixTuningConfig, get_peft_model
+from prefix_oracle import filled_cache, positions, site_kv
+from torch import nn
+
+import prompthooks as ph
+from prompthooks.methods import Prefix
+
+VOCAB = 61
+FAMILIES = ("roberta", "distilbert")
+HEADS = ("base", "cls", "lm", "tok")
+PAD = {"roberta": 1, "distilbert": 0}
+CLS = {"roberta": 0, "distilbert": 2}  # <s> / a [CLS]-like id
+FIRST = {"roberta": 2, "distilbert": 0}  # position id of a row's first token
+P = 3
+
+CLASSES: dict[str, dict[str, Any]] = {
+    "roberta": {
+        "base": tf.RobertaModel,
+        "cls": tf.RobertaForSequenceClassification,
+        "lm": tf.RobertaForMaskedLM,
+        "tok": tf.RobertaForTokenClassification,
+    },
+    "distilbert": {
+        "base": tf.DistilBertModel,
+        "cls": tf.DistilBertForSequenceClassification,
+        "lm": tf.DistilBertForMaskedLM,
+        "tok": tf.DistilBertForTokenClassification,
+    },
+}
+
+
+def tiny(family: str, head: str = "base", attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    """2 layers, hidden 32, 4 heads, 64 usable positions, random weights, eval mode."""
+    torch.manual_seed(seed)
+    config: Any
+    if family == "roberta":
+        config = tf.RobertaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64 + FIRST["roberta"],
+            pad_token_id=PAD["roberta"],
+            bos_token_id=0,
+            eos_token_id=2,
+            type_vocab_size=1,
+        )
+    else:
+        config = tf.DistilBertConfig(
+            n_layers=2,
+            dim=32,
+            n_heads=4,
+            hidden_dim=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            pad_token_id=PAD["distilbert"],
+        )
+    config._attn_implementation = attn
+    model: nn.Module = CLASSES[family][head](config).eval()
+    return model
+
+
+def batch(family: str, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random ids that start with the [CLS]-like id."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD[family], dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, VOCAB, (n,), generator=g)
+        ids[row, 0] = CLS[family]
+        mask[row, :n] = 1
+    return ids, mask
+
+
+def stack(model: nn.Module) -> Any:
+    return getattr(model, "roberta", getattr(model, "distilbert", model))
+
+
+def output_of(model: nn.Module, out: Any) -> torch.Tensor:
+    """Per-position output: logits of a head, else the last hidden state."""
+    result: torch.Tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return result
+
+
+# -- the soft-prompt oracle ------------------------------------------------------
+
+
+def prompt_oracle(
+    model: nn.Module,
+    family: str,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    table: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    at: int = 1,
+) -> tuple[Any, list[list[int]]]:
+    """The model on hand-built ``inputs_embeds``: the prompt at column ``at`` of
+    each row (1: right after [CLS]), positions counted over the real tokens from
+    the family's first position. Returns the output and, per row, the columns
+    of the user's own tokens."""
+    embed = model.get_input_embeddings()
+    p = table.shape[0]
+    rows_e, rows_m, rows_pos, rows_lab, keep = [], [], [], [], []
+    for b in range(ids.shape[0]):
+        e = embed(ids[b])
+        rows_e.append(torch.cat([e[:at], table, e[at:]]))
+        m = torch.cat([mask[b, :at], torch.ones(p, dtype=mask.dtype), mask[b, at:]])
+        rows_m.append(m)
+        pos, count = [], 0
+        for v in m.tolist():
+            pos.append(FIRST[family] + count)  # pads reuse the next number: they are masked
+            count += int(v == 1)
+        rows_pos.append(torch.tensor(pos))
+        if labels is not None:
+            rows_lab.append(torch.cat([labels[b, :at], torch.full((p,), -100), labels[b, at:]]))
+        keep.append(list(range(at)) + list(range(at + p, ids.shape[1] + p)))
+    kw: dict[str, Any] = {
+        "inputs_embeds": torch.stack(rows_e),
+        "attention_mask": torch.stack(rows_m),
+        "position_ids": torch.stack(rows_pos),
+    }
+    if labels is not None:
+        kw["labels"] = torch.stack(rows_lab)
+    return model(**kw), keep
+
+
+def kept(x: torch.Tensor, keep: list[list[int]]) -> torch.Tensor:
+    return torch.stack([x[b, cols] for b, cols in enumerate(keep)])
+
+
+# -- the prefix oracles -----------------------------------------------------------
+
+
+def table_for(model: nn.Module, n: int = P, seed: int = 7) -> torch.Tensor:
+    located = ph.locate(model)
+    width = sum(2 * s.num_kv_heads * s.head_dim for s in located.sites)
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+def prefix_of(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
+    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
+    return Prefix(shapes, table=table, shift_positions=shift)
+
+
+def roberta_prefix_oracle(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, shift: bool
+) -> Any:
+    """RoBERTa given the prefix as a hand-filled past, positions from ``padding_idx + 1``."""
+    p, b = table.shape[0], ids.shape[0]
+    config = model.config
+    heads = config.num_attention_heads
+    dim = config.hidden_size // heads
+    cache = filled_cache(site_kv(table, config.num_hidden_layers, heads, dim), b)
+    return model(
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
+        position_ids=positions(mask, FIRST["roberta"] + (p if shift else 0)),
+        past_key_values=cache,
+        output_hidden_states=True,
+    )
+
+
+def distilbert_prefix_oracle(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DistilBERT written out: embeddings at explicit positions, then per block
+    attention over ``[prefix ; keys]``, residual norms and the feed-forward.
+    Returns the last hidden state and, for a classification head, its logits."""
+    body = stack(model)
+    config = model.config
+    heads, dim = config.n_heads, config.dim // config.n_heads
+    kv = site_kv(table, config.n_layers, heads, dim)
+    p, b, length = table.shape[0], ids.shape[0], ids.shape[1]
+    x = body.embeddings(ids, None, positions(mask, p if shift else 0))
+    keep = torch.cat([torch.ones(b, p), mask.float()], dim=1)
+    additive = ((1 - keep) * torch.finfo(torch.float32).min)[:, None, None, :]
+    for i, block in enumerate(body.transformer.layer):
+        attn = block.attention
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, heads, dim).transpose(1, 2)
+
+        query = split(attn.q_lin(x))
+        key = torch.cat([kv[i][0].expand(b, -1, -1, -1), split(attn.k_lin(x))], dim=2)
+        value = torch.cat([kv[i][1].expand(b, -1, -1, -1), split(attn.v_lin(x))], dim=2)
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) / dim**0.5 + additive
+        mixed = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), value)
+        out = attn.out_lin(mixed.transpose(1, 2).reshape(b, length, heads * dim))
+        x = block.sa_layer_norm(out + x)
+        x = block.output_layer_norm(block.ffn(x) + x)
+    logits = None
+    if isinstance(model, tf.DistilBertForSequenceClassification):
+        logits = model.classifier(torch.relu(model.pre_classifier(x[:, 0])))
+    return x, logits
+
+
+# -- locating ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sites(family: str, head: str) -> None:
+    model = tiny(family, head)
+    before = snapshot(model)
+    found = ph.locate(model)
+    assert same_snapshot(before, snapshot(model))
+    assert found.locator == family
+    assert found.embedding is model.get_input_embeddings()
+    assert found.input_stack is stack(model)
+    assert found.cls_first and not found.is_encoder_decoder and not found.shifted_labels
+    assert found.first_position == FIRST[family]
+    assert found.max_positions == 64
+    assert [s.layer for s in found.sites] == [0, 1]
+    body = stack(model)
+    for i, site in enumerate(found.sites):
+        assert site.role == "self" and not site.causal
+        assert (site.num_kv_heads, site.head_dim) == (4, 8)
+        if family == "roberta":
+            assert site.module is body.encoder.layer[i].attention.self
+            assert site.prefix_in == "cache"
+        else:
+            attention = body.transformer.layer[i].attention
+            assert site.module is attention and site.prefix_in == "projections"
+            assert site.key_proj is attention.k_lin and site.value_proj is attention.v_lin
+    summary = str(found)
+    assert type(model).__name__ in summary and "kv_heads=4 head_dim=8" in summary
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_max_positions_is_the_models_own_limit(family: str) -> None:
+    """The model embeds 64 tokens and fails at 65 (RoBERTa: 66 table rows, 2 of
+    them before its first position); with the prompt, 64 - P real tokens are
+    accepted and one more is refused with a clear message."""
+    model = tiny(family)
+    with torch.no_grad():
+        model(input_ids=batch(family, [64])[0])
+        with pytest.raises((IndexError, RuntimeError)):  # out of the position table
+            model(input_ids=batch(family, [65])[0])
+        with ph.attach(model, ph.PromptTuning(P)):
+            model(input_ids=batch(family, [64 - P])[0])
+            with pytest.raises(ValueError, match="embeds at most 64"):
+                model(input_ids=batch(family, [65 - P])[0])
+
+
+# -- Prompt Tuning -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_tuning_matches_inputs_embeds_oracle(family: str, head: str, attn: str) -> None:
+    model = tiny(family, head, attn)
+    ids, mask = batch(family, [7, 3, 5], seed=3)
+    labels: torch.Tensor | None = None
+    if head in ("lm", "tok"):
+        labels = torch.randint(0, 2 if head == "tok" else VOCAB, ids.shape).masked_fill(
+            mask == 0, -100
+        )
+    elif head == "cls":
+        labels = torch.tensor([0, 1, 1])
+    with ph.attach(model, ph.PromptTuning(P)) as att:
+        table = att.prompts["default"].table().detach().clone()
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        token_labels = labels if head in ("lm", "tok") else None
+        ref, keep = prompt_oracle(model, family, ids, mask, table, token_labels)
+        if head == "cls":
+            ref_loss = nn.functional.cross_entropy(ref.logits, labels)
+    real = mask.bool()
+    if head == "cls":  # the classifier read [CLS]: the whole logits agree
+        torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.loss, ref_loss, atol=1e-5, rtol=0)
+        with torch.no_grad():  # and a prompt in front of [CLS] would have changed them
+            before_cls = prompt_oracle(model, family, ids, mask, table, at=0)[0].logits
+        assert (before_cls - ref.logits).abs().max() > 1e-3
+        return
+    expected = kept(output_of(model, ref), keep)
+    assert output_of(model, got).shape == expected.shape
+    torch.testing.assert_close(output_of(model, got)[real], expected[real], atol=1e-5, rtol=0)
+    if labels is not None:
+        torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=0)
+    if head == "base" and family == "roberta":  # RobertaModel's pooler reads [CLS]
+        torch.testing.assert_close(got.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_tuning_without_mask_and_from_embeddings(family: str) -> None:
+    """Without a mask the model numbers positions itself (RoBERTa from the ids,
+    skipping its pad id; DistilBERT from 0); from ``inputs_embeds`` RoBERTa
+    counts from ``padding_idx + 1``. All agree with the mask-derived positions."""
+    model = tiny(family)
+    ids, mask = batch(family, [6, 6], seed=2)
+    with ph.attach(model, ph.PromptTuning(P)), torch.no_grad():
+        with_mask = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        without = model(input_ids=ids).last_hidden_state
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(without, with_mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_embeds, with_mask, atol=1e-6, rtol=0)
+
+
+# -- Prefix ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("head", ["base", "cls"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_matches_oracle(family: str, head: str, shift: bool, attn: str) -> None:
+    model = tiny(family, head, attn)
+    table = table_for(model)
+    ids, mask = batch(family, [7, 3, 5], seed=4)
+    with ph.attach(model, prefix_of(model, table, shift)), torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        if family == "roberta":
+            ref = roberta_prefix_oracle(model, ids, mask, table, shift)
+            ref_hidden = ref.hidden_states[-1] if head == "cls" else ref.last_hidden_state
+            ref_logits = ref.logits if head == "cls" else None
+        else:
+            ref_hidden, ref_logits = distilbert_prefix_oracle(model, ids, mask, table, shift)
+    real = mask.bool()
+    hidden = got.hidden_states[-1]
+    assert (hidden - plain.hidden_states[-1])[real].abs().max() > 1e-3  # the prefix matters
+    torch.testing.assert_close(hidden[real], ref_hidden[real], atol=1e-5, rtol=0)
+    if head == "cls":  # the classifier read [CLS] of the prefixed encoder
+        torch.testing.assert_close(got.logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_distilbert_oracle_depends_on_every_site_and_keys_and_values() -> None:
+    """Changing one site's keys (or values) changes the oracle, and prompthooks
+    follows: the prefix reaches every layer through both projections."""
+    model = tiny("distilbert")
+    table = table_for(model)
+    ids, mask = batch("distilbert", [6, 4], seed=2)
+    half = 4 * 8
+    with torch.no_grad():
+        base = distilbert_prefix_oracle(model, ids, mask, table, True)[0]
+        for start in range(0, table.shape[1], half):  # site 0 keys, values, site 1 ...
+            changed = table.clone()
+            changed[:, start : start + half] += 1.0
+            oracle = distilbert_prefix_oracle(model, ids, mask, changed, True)[0]
+            assert (oracle - base)[mask.bool()].abs().max() > 1e-3, start
+            with ph.attach(model, prefix_of(model, changed)):
+                got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(got[mask.bool()], oracle[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS"])
+def test_roberta_prefix_matches_peft(task: str) -> None:
+    """PEFT's P-tuning v2 (prefix as past, RoBERTa numbers positions from the
+    ids after the past) on padded rows, and prompthooks given the same table."""
+    head = {"FEATURE_EXTRACTION": "base", "SEQ_CLS": "cls", "TOKEN_CLS": "tok"}[task]
+    model = tiny("roberta", head)
+    table = table_for(model)
+    peft_model = get_peft_model(
+        copy.deepcopy(model), PrefixTuningConfig(task_type=task, num_virtual_tokens=P)
+    )
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(table)
+    peft_model.eval()
+    ids, mask = batch("roberta", [7, 3, 5], seed=4)
+    with torch.no_grad():
+        theirs = output_of(model, peft_model(input_ids=ids, attention_mask=mask))
+        plain = output_of(model, model(input_ids=ids, attention_mask=mask))
+        with ph.attach(model, prefix_of(model, table)):
+            ours = output_of(model, model(input_ids=ids, attention_mask=mask))
+    pick = (lambda x: x) if head == "cls" else (lambda x: x[mask.bool()])
+    assert (pick(theirs) - pick(plain)).abs().max() > 1e-3
+    torch.testing.assert_close(pick(ours), pick(theirs), atol=1e-5, rtol=0)
+
+
+def test_distilbert_prefix_attentions_have_prefix_columns() -> None:
+    """``output_attentions`` keeps the user's query rows and shows the prefix
+    keys, as for models whose prefix arrives through a cache."""
+    model = tiny("distilbert", attn="eager")
+    ids, mask = batch("distilbert", [6, 4])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)  # recorders installed
+        with ph.attach(model, ph.PrefixTuning(P)):
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert out.last_hidden_state.shape == (2, 6, 32)
+    assert all(a.shape == (2, 4, 6, P + 6) for a in out.attentions)
+
+
+def test_distilbert_refuses_a_past() -> None:
+    """DistilBERT's attention reads no cache: a past cannot carry the prefix."""
+    model = tiny("distilbert")
+    ids, mask = batch("distilbert", [5])
+    with ph.attach(model, ph.PrefixTuning(P)), pytest.raises(TypeError, match="no key/value"):
+        model(input_ids=ids, attention_mask=mask, past_key_values=tf.DynamicCache())
+
+
+# -- properties shared by both methods ---------------------------------------------
+
+
+def _spec(method: str) -> Any:
+    return ph.PromptTuning(P) if method == "prompt" else ph.PrefixTuning(P, projection=False)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_rows_equal_rows_alone(family: str, method: str, attn: str) -> None:
+    model = tiny(family, "lm", attn)
+    ids, mask = batch(family, [7, 2, 5], seed=5)
+    torch.manual_seed(1)
+    with ph.attach(model, _spec(method)), torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        for row in range(ids.shape[0]):
+            alone_ids = ids[row : row + 1, mask[row].bool()]
+            alone = model(input_ids=alone_ids).logits[0]
+            torch.testing.assert_close(padded[row, mask[row].bool()], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_prefix_batch_rows_equal_rows_alone(family: str) -> None:
+    """Rows with prefixes of different lengths (per-row keys and values)."""
+    model = tiny(family)
+    ids, mask = batch(family, [6, 4, 5], seed=6)
+    torch.manual_seed(2)
+    prompts = {"a": ph.PrefixTuning(2, projection=False), "b": ph.PrefixTuning(4, hidden_size=8)}
+    names = ["a", "b", "a"]
+    with ph.attach(model, prompts) as att, torch.no_grad():
+        with att.use(names):
+            mixed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for row, name in enumerate(names):
+            with att.use(name):
+                alone = model(input_ids=ids[row : row + 1, mask[row].bool()]).last_hidden_state
+            torch.testing.assert_close(mixed[row, mask[row].bool()], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detach_restores_everything_bit_for_bit(family: str, method: str) -> None:
+    model = tiny(family, "cls")
+    ids, mask = batch(family, [6, 4])
+    with torch.no_grad():
+        before_out = model(input_ids=ids, attention_mask=mask).logits
+    before = snapshot(model)
+    att = ph.attach(model, _spec(method))
+    model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.backward()
+    att.detach()
+    model.zero_grad(set_to_none=True)
+    assert same_snapshot(before, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before_out)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_only_the_prompt(family: str, method: str) -> None:
+    model = tiny(family, "cls")
+    ids, mask = batch(family, [6, 4])
+    with ph.attach(model, _spec(method)) as att:
+        model(input_ids=ids, attention_mask=mask, labels=torch.tensor([1, 0])).loss.backward()
+        (param,) = list(att.parameters())
+        assert param.grad is not None
+        if method == "prefix":  # every site's keys and values get a gradient
+            for start in range(0, param.shape[1], 4 * 8):
+                assert param.grad[:, start : start + 4 * 8].abs().sum() > 0, start
+        else:
+            assert all(param.grad[i].abs().sum() > 0 for i in range(P))
+        own = [p for n, p in model.named_parameters() if not n.startswith("prompthooks.")]
+        assert own and all(p.grad is None for p in own)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_gradient_checkpointing_same_loss_and_gradient(
+    family: str, reentrant: bool
+) -> None:
+    model = tiny(family, "cls")
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    ids, mask = batch(family, [6, 4])
+    labels = torch.tensor([1, 0])
+    results = []
+    with ph.attach(model, ph.PrefixTuning(P, projection=False)) as att:
+        (param,) = list(att.parameters())
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            assert param.grad is not None
+            results.append((loss.detach(), param.grad.clone()))
+            param.grad = None
+        model.activation_checkpointing_disable()
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=0)
