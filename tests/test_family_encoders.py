@@ -10,6 +10,8 @@
   model's own projections, norms and feed-forward weights).
 * The sequence-classification heads read ``[CLS]``: their logits equal the
   oracle's, and differ from a layout that puts the prompt in front of it.
+* XLM-RoBERTa and CamemBERT (RoBERTa's code under other class names) and
+  ``RobertaForCausalLM`` get a shorter pass through the same oracles.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from prompthooks.methods import Prefix
 VOCAB = 61
 FAMILIES = ("roberta", "distilbert")
 HEADS = ("base", "cls", "lm", "tok")
-PAD = {"roberta": 1, "distilbert": 0}
-CLS = {"roberta": 0, "distilbert": 2}  # <s> / a [CLS]-like id
-FIRST = {"roberta": 2, "distilbert": 0}  # position id of a row's first token
+SIBLINGS = ("xlm_roberta", "camembert")  # RoBERTa's code under other class names
+PAD = {"roberta": 1, "distilbert": 0, "xlm_roberta": 1, "camembert": 1}
+CLS = {"roberta": 0, "distilbert": 2, "xlm_roberta": 0, "camembert": 0}  # <s> / [CLS]
+FIRST = {"roberta": 2, "distilbert": 0, "xlm_roberta": 2, "camembert": 2}  # first position
 P = 3
 
 CLASSES: dict[str, dict[str, Any]] = {
@@ -49,6 +52,13 @@ CLASSES: dict[str, dict[str, Any]] = {
         "lm": tf.DistilBertForMaskedLM,
         "tok": tf.DistilBertForTokenClassification,
     },
+    "xlm_roberta": {"base": tf.XLMRobertaModel, "cls": tf.XLMRobertaForSequenceClassification},
+    "camembert": {"base": tf.CamembertModel, "cls": tf.CamembertForSequenceClassification},
+}
+ROBERTA_CONFIGS = {
+    "roberta": tf.RobertaConfig,
+    "xlm_roberta": tf.XLMRobertaConfig,
+    "camembert": tf.CamembertConfig,
 }
 
 
@@ -56,15 +66,15 @@ def tiny(family: str, head: str = "base", attn: str = "sdpa", seed: int = 0) -> 
     """2 layers, hidden 32, 4 heads, 64 usable positions, random weights, eval mode."""
     torch.manual_seed(seed)
     config: Any
-    if family == "roberta":
-        config = tf.RobertaConfig(
+    if family in ROBERTA_CONFIGS:
+        config = ROBERTA_CONFIGS[family](
             num_hidden_layers=2,
             hidden_size=32,
             num_attention_heads=4,
             intermediate_size=64,
             vocab_size=VOCAB,
-            max_position_embeddings=64 + FIRST["roberta"],
-            pad_token_id=PAD["roberta"],
+            max_position_embeddings=64 + FIRST[family],
+            pad_token_id=PAD[family],
             bos_token_id=0,
             eos_token_id=2,
             type_vocab_size=1,
@@ -321,16 +331,17 @@ def test_prompt_tuning_without_mask_and_from_embeddings(family: str) -> None:
         without = model(input_ids=ids).last_hidden_state
         embeds = model.get_input_embeddings()(ids)
         from_embeds = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        embeds_only = model(inputs_embeds=embeds).last_hidden_state
     torch.testing.assert_close(without, with_mask, atol=1e-6, rtol=0)
     torch.testing.assert_close(from_embeds, with_mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(embeds_only, with_mask, atol=1e-6, rtol=0)
 
 
 # -- Prefix ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("shift", [True, False])
-@pytest.mark.parametrize("head", ["base", "cls"])
+@pytest.mark.parametrize(("head", "shift"), [("base", True), ("base", False), ("cls", True)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_matches_oracle(family: str, head: str, shift: bool, attn: str) -> None:
     model = tiny(family, head, attn)
@@ -493,10 +504,10 @@ def test_gradients_reach_only_the_prompt(family: str, method: str) -> None:
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_gradient_checkpointing_same_loss_and_gradient(
-    family: str, reentrant: bool
-) -> None:
+def test_distilbert_prefix_gradient_checkpointing_same_loss_and_gradient(reentrant: bool) -> None:
+    """Checkpointed blocks run the attention hooks again in backward (reentrant:
+    first without autograd, so the prefix is rebuilt for the recomputation)."""
+    family = "distilbert"
     model = tiny(family, "cls")
     model.train()
     for module in model.modules():
@@ -518,3 +529,63 @@ def test_prefix_gradient_checkpointing_same_loss_and_gradient(
         model.activation_checkpointing_disable()
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_roberta_causal_lm_forward(attn: str) -> None:
+    """``RobertaForCausalLM`` (``is_decoder=True``): causal sites, a shifted loss
+    whose targets stay the user's, prompt and prefix against the oracles. (Its
+    ``generate`` is not covered: transformers passes 0-based position ids there,
+    while its forward numbers from ``padding_idx + 1``, with or without a prompt.)"""
+    torch.manual_seed(0)
+    config = tiny("roberta").config
+    config.is_decoder = True
+    model = tf.RobertaForCausalLM(config).eval()
+    located = ph.locate(model)
+    assert located.shifted_labels and all(s.causal for s in located.sites)
+    ids, mask = batch("roberta", [7, 3, 5], seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    real = mask.bool()
+    with ph.attach(model, ph.PromptTuning(P)) as att:
+        table = att.prompts["default"].table().detach().clone()
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        ref, keep = prompt_oracle(model, "roberta", ids, mask, table, labels)
+    torch.testing.assert_close(got.logits[real], kept(ref.logits, keep)[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=0)
+    prefix_table = table_for(model)
+    with torch.no_grad():
+        expected = roberta_prefix_oracle(model, ids, mask, prefix_table, True).logits
+        with ph.attach(model, prefix_of(model, prefix_table)):
+            cached = model(input_ids=ids, attention_mask=mask).logits  # the model makes a cache
+            uncached = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(cached[real], expected[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(uncached[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", SIBLINGS)
+def test_roberta_siblings(family: str) -> None:
+    """XLM-RoBERTa and CamemBERT are RoBERTa's code under their own classes: the
+    RoBERTa locator takes them, numbering from ``padding_idx + 1``; the prompt's
+    classifier logits and the prefix's hidden states equal the oracles'."""
+    model = tiny(family, "cls")
+    found = ph.locate(model)
+    assert found.locator == "roberta" and found.input_stack is model.roberta
+    assert (found.first_position, found.max_positions, found.cls_first) == (2, 64, True)
+    ids, mask = batch(family, [7, 3, 5], seed=3)
+    with ph.attach(model, ph.PromptTuning(P)) as att:
+        table = att.prompts["default"].table().detach().clone()
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = prompt_oracle(model, family, ids, mask, table)[0].logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    base = tiny(family, "base")
+    prefix_table = table_for(base)
+    with torch.no_grad():
+        ref = roberta_prefix_oracle(base, ids, mask, prefix_table, True).last_hidden_state
+        with ph.attach(base, prefix_of(base, prefix_table)):
+            hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], ref[real], atol=1e-5, rtol=0)

@@ -177,6 +177,12 @@ class Located:
             lines.append(f"  position tables : {tables}")
         lines.append(f"  attention sites : {len(self.sites)}")
         for s in self.sites:
+            if s.prefix_in == "inputs":  # nn.MultiheadAttention: masks are the model's own
+                lines.append(
+                    f"    {s.role:<8} layer {s.layer:>2}  {name(s.module)}  "
+                    f"prefix in key/value inputs, width={s.num_kv_heads * s.head_dim}"
+                )
+                continue
             lines.append(
                 f"    {s.role:<8} layer {s.layer:>2}  {name(s.module)}  "
                 f"kv_heads={s.num_kv_heads} head_dim={s.head_dim}"

@@ -1,14 +1,16 @@
 """Decoder-only transformers models laid out like LLaMA, recognised by structure.
 
-Mistral, Qwen2/3, Gemma, Gemma 3, Phi-3, Cohere, Olmo, Granite and many more
-share LLaMA's layout: a stack with ``embed_tokens`` and ``layers``, each layer a
-``self_attn`` module whose forward takes ``attention_mask`` and a
-``past_key_values`` cache and calls ``past_key_values.update(k, v, layer_idx)``
-with keys of ``head_dim``. Naming every such class would miss the next family,
-so this locator checks the layout itself and refuses anything it cannot read
-the key shape of (DeepSeek's latent attention, hybrid stacks with recurrent
-layers, encoder-decoders), leaving those to another locator or to
-``UnsupportedModelError``.
+Mistral, Mixtral, Qwen2/3, Gemma, Gemma 2/3, Phi-3, Granite, Olmo, Cohere and
+many more share LLaMA's layout: a stack (the model or its ``.model``) with
+``embed_tokens`` and ``layers``, each layer a ``self_attn`` module with a
+``head_dim`` whose forward takes ``attention_mask`` and a ``past_key_values``
+cache it calls ``update(k, v, layer_idx)`` on. Naming every such class would
+miss the next family, so this locator checks the layout itself: key/value
+heads come from the key projection (or a fused ``qkv_proj``), sliding windows
+from the module or the config. It refuses what the prefix hooks could not
+serve (latent attention whose keys and values differ in width, hybrid stacks
+with recurrent or convolution layers, chunked attention, encoder-decoders),
+leaving those to another locator or to ``UnsupportedModelError``.
 """
 
 from __future__ import annotations
@@ -147,16 +149,21 @@ class LlamaLikeLocator(Locator):
         if stack is None:
             raise TypeError(f"{type(model).__name__} does not have the LLaMA layout")
         config = getattr(stack, "config", None)
-        windows = _windows(config, len(stack.layers))  # type: ignore[arg-type]
-        assert windows is not None  # checked by _stack
+        layers = stack.layers
+        assert isinstance(layers, nn.ModuleList)  # checked by _stack, as is what follows
+        windows = _windows(config, len(layers))
+        assert windows is not None
         sites = []
-        for i, layer in enumerate(stack.layers):  # type: ignore[arg-type]
+        for i, layer in enumerate(layers):
             found = _attention(layer)
-            assert found is not None  # checked by _stack
+            assert found is not None
             attn, kv, head_dim = found
             # The cache slot the module updates is its own layer_idx.
             index = _int(getattr(attn, "layer_idx", None))
             causal = getattr(attn, "is_causal", True)
+            # A module that names its own window (Gemma 2/3, Qwen2/3) passes that one
+            # to its attention function; the others read the config's.
+            window = _int(attn.sliding_window) if hasattr(attn, "sliding_window") else windows[i]
             sites.append(
                 AttentionSite(
                     attn,
@@ -165,7 +172,7 @@ class LlamaLikeLocator(Locator):
                     kv,
                     head_dim,
                     causal=bool(causal),
-                    window=windows[i],
+                    window=window,
                 )
             )
         max_pos = _int(getattr(config, "max_position_embeddings", None))

@@ -25,9 +25,8 @@ from .registry import register_locator
 def _decoder(model: nn.Module) -> Any:
     if isinstance(model, OPTDecoder):
         return model
-    if isinstance(model, OPTModel):
-        return model.decoder
-    return model.model.decoder  # every head keeps an OPTModel as ``model``
+    base: Any = model if isinstance(model, OPTModel) else model.model  # every head's OPTModel
+    return base.decoder
 
 
 @register_locator

@@ -1,6 +1,7 @@
 """RoBERTa: ``RobertaModel`` and its heads (sequence classification, masked LM,
-token classification, ...). ``<s>`` (RoBERTa's ``[CLS]``) stays first; prompts
-go after it.
+token classification, ...), and the two families transformers generates from
+the same code with their own classes, XLM-RoBERTa and CamemBERT. ``<s>``
+(RoBERTa's ``[CLS]``) stays first; prompts go after it.
 
 RoBERTa numbers its positions from ``padding_idx + 1`` (2 for the released
 checkpoints): position ``padding_idx`` is reserved for pad tokens. The hooks
@@ -13,14 +14,28 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from transformers.models.camembert.modeling_camembert import (
+    CamembertForCausalLM,
+    CamembertModel,
+    CamembertPreTrainedModel,
+)
 from transformers.models.roberta.modeling_roberta import (
     RobertaForCausalLM,
     RobertaModel,
     RobertaPreTrainedModel,
 )
+from transformers.models.xlm_roberta.modeling_xlm_roberta import (
+    XLMRobertaForCausalLM,
+    XLMRobertaModel,
+    XLMRobertaPreTrainedModel,
+)
 
 from .base import AttentionSite, Located, Locator
 from .registry import register_locator
+
+_PRETRAINED = (RobertaPreTrainedModel, XLMRobertaPreTrainedModel, CamembertPreTrainedModel)
+_BARE = (RobertaModel, XLMRobertaModel, CamembertModel)
+_CAUSAL = (RobertaForCausalLM, XLMRobertaForCausalLM, CamembertForCausalLM)
 
 
 @register_locator
@@ -28,10 +43,10 @@ class RobertaLocator(Locator):
     name = "roberta"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, RobertaPreTrainedModel)
+        return isinstance(model, _PRETRAINED)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, RobertaModel) else model.roberta
+        stack: Any = model if isinstance(model, _BARE) else model.roberta
         # Self-attention only: a decoder's cross-attention (``add_cross_attention``)
         # reads an encoder this library does not see, so it gets no prefix.
         sites = tuple(
@@ -56,7 +71,7 @@ class RobertaLocator(Locator):
             sites=sites,
             max_positions=int(embeddings.position_embeddings.num_embeddings) - first,
             cls_first=True,
-            # RobertaForCausalLM (``is_decoder=True``) predicts token t + 1 at t.
-            shifted_labels=isinstance(model, RobertaForCausalLM),
+            # ``*ForCausalLM`` (``is_decoder=True``) predicts token t + 1 at t.
+            shifted_labels=isinstance(model, _CAUSAL),
             first_position=first,
         )

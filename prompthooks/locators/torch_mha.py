@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from .base import AttentionSite, Located, Locator, Role
 from .registry import register_locator
@@ -57,11 +58,11 @@ def _roles(model: nn.Module) -> dict[int, Role]:
     decoders = [m for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)]
     encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
     roles: dict[int, Role] = {}
-    for layer in decoders:
-        roles[id(layer.self_attn)] = "dec_self"
-        roles[id(layer.multihead_attn)] = "cross"
-    for layer in encoders:
-        roles[id(layer.self_attn)] = "enc_self" if decoders else "self"
+    for decoder in decoders:
+        roles[id(decoder.self_attn)] = "dec_self"
+        roles[id(decoder.multihead_attn)] = "cross"
+    for encoder in encoders:
+        roles[id(encoder.self_attn)] = "enc_self" if decoders else "self"
     return roles
 
 
@@ -71,6 +72,10 @@ class TorchMHALocator(Locator):
     structural = True
 
     def matches(self, model: nn.Module) -> bool:
+        # A transformers model with an nn.MultiheadAttention somewhere (a vision
+        # tower's pooling) is not built from it: its text attention is elsewhere.
+        if isinstance(model, PreTrainedModel):
+            return False
         return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
     def locate(self, model: nn.Module) -> Located:
