@@ -166,6 +166,7 @@ def test_decoder_only_bart_is_not_claimed() -> None:
 # -- Prompt Tuning ------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("attn", ATTN)
 def test_prompt_tuning_matches_inputs_embeds_oracle(attn: str) -> None:
     model = tiny_bart(attn)
@@ -243,6 +244,7 @@ def test_oracle_is_bart() -> None:
         torch.testing.assert_close(none, plain, atol=1e-5, rtol=0)
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("attn", ATTN)
 def test_prefix_matches_hand_written_oracle(attn: str, shift: bool) -> None:

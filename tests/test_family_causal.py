@@ -295,6 +295,7 @@ def test_sites(family: str, head: str) -> None:
 # -- soft prompts ----------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", [*FAMILIES, "opt-proj"])
 def test_prompt_tuning_matches_inputs_embeds_oracle(family: str, attn: str) -> None:
@@ -386,6 +387,7 @@ def test_question_answering_spans_are_user_positions(family: str) -> None:
 # -- prefixes --------------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

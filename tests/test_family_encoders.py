@@ -280,6 +280,7 @@ def test_max_positions_is_the_models_own_limit(family: str) -> None:
 # -- Prompt Tuning -----------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -340,6 +341,7 @@ def test_prompt_tuning_without_mask_and_from_embeddings(family: str) -> None:
 # -- Prefix ------------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize(("head", "shift"), [("base", True), ("base", False), ("cls", True)])
 @pytest.mark.parametrize("family", FAMILIES)

@@ -161,6 +161,7 @@ def test_sites(name: str) -> None:
 # -- Prompt Tuning ------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", NAMES)
 def test_prompt_tuning_matches_inputs_embeds_oracle(name: str, attn: str) -> None:
@@ -183,6 +184,7 @@ def test_prompt_tuning_matches_inputs_embeds_oracle(name: str, attn: str) -> Non
 # -- Prefix -----------------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize(("attn", "shift"), [("sdpa", True), ("sdpa", False), ("eager", True)])
 @pytest.mark.parametrize("name", NAMES)
 def test_prefix_matches_hand_filled_cache(name: str, attn: str, shift: bool) -> None:

@@ -151,6 +151,7 @@ def test_a_transformers_model_with_a_stray_multihead_attention_is_not_claimed() 
 # -- soft prompts -------------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kind", ["lm", "s2s"])
 def test_prompt_tuning_matches_the_float64_reference(kind: str, batch_first: bool) -> None:
@@ -177,6 +178,7 @@ def test_prompt_tuning_matches_the_float64_reference(kind: str, batch_first: boo
 # -- prefixes -----------------------------------------------------------------------------
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kind", ["lm", "s2s"])
@@ -252,6 +254,7 @@ def test_padded_rows_equal_rows_alone(
             torch.testing.assert_close(mine, alone[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("kind", ["lm", "s2s"])
 def test_mixed_batch_rows_equal_their_prefix_alone(kind: str) -> None:
     model = _model(kind, True)
