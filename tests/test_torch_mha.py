@@ -302,8 +302,8 @@ def test_training_moves_only_the_prompts_and_detach_restores(kind: str) -> None:
                     grads = [p.grad for p in att.prompts[name].parameters()]
                     assert all(g is not None and g.abs().sum() > 0 for g in grads)
                     optimizer.step()
-                    first = float(loss) if first is None else first
-                assert float(loss) < first
+                    first = loss.item() if first is None else first
+                assert loss.item() < first
         assert all(
             torch.equal(v, before["state"][k])
             for k, v in model.state_dict().items()
