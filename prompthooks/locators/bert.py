@@ -12,6 +12,24 @@ from .base import AttentionSite, Located, Locator
 from .registry import register_locator
 
 
+def encoder_sites(stack: Any) -> tuple[AttentionSite, ...]:
+    """The self-attention of every layer of a BERT-layout encoder
+    (``stack.encoder.layer[i].attention.self``; RoBERTa shares it). Only
+    self-attention: a decoder's cross-attention (``add_cross_attention``)
+    reads an encoder this library does not see, so it gets no prefix."""
+    return tuple(
+        AttentionSite(
+            module=layer.attention.self,
+            role="self",
+            layer=i,
+            num_kv_heads=int(layer.attention.self.num_attention_heads),
+            head_dim=int(layer.attention.self.attention_head_size),
+            causal=bool(layer.attention.self.is_causal),
+        )
+        for i, layer in enumerate(stack.encoder.layer)
+    )
+
+
 @register_locator
 class BertLocator(Locator):
     name = "bert"
@@ -21,17 +39,7 @@ class BertLocator(Locator):
 
     def locate(self, model: nn.Module) -> Located:
         stack: Any = model if isinstance(model, BertModel) else model.bert
-        sites = tuple(
-            AttentionSite(
-                module=layer.attention.self,
-                role="self",
-                layer=i,
-                num_kv_heads=int(layer.attention.self.num_attention_heads),
-                head_dim=int(layer.attention.self.attention_head_size),
-                causal=bool(layer.attention.self.is_causal),
-            )
-            for i, layer in enumerate(stack.encoder.layer)
-        )
+        sites = encoder_sites(stack)
         return Located(
             locator=self.name,
             model=model,

@@ -30,7 +30,8 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import (
     XLMRobertaPreTrainedModel,
 )
 
-from .base import AttentionSite, Located, Locator
+from .base import Located, Locator
+from .bert import encoder_sites
 from .registry import register_locator
 
 _PRETRAINED = (RobertaPreTrainedModel, XLMRobertaPreTrainedModel, CamembertPreTrainedModel)
@@ -47,19 +48,7 @@ class RobertaLocator(Locator):
 
     def locate(self, model: nn.Module) -> Located:
         stack: Any = model if isinstance(model, _BARE) else model.roberta
-        # Self-attention only: a decoder's cross-attention (``add_cross_attention``)
-        # reads an encoder this library does not see, so it gets no prefix.
-        sites = tuple(
-            AttentionSite(
-                module=layer.attention.self,
-                role="self",
-                layer=i,
-                num_kv_heads=int(layer.attention.self.num_attention_heads),
-                head_dim=int(layer.attention.self.attention_head_size),
-                causal=bool(layer.attention.self.is_causal),
-            )
-            for i, layer in enumerate(stack.encoder.layer)
-        )
+        sites = encoder_sites(stack)
         embeddings = stack.embeddings
         first = int(embeddings.padding_idx) + 1
         return Located(
