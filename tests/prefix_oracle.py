@@ -79,6 +79,43 @@ def decoder_only_logits(
     return result
 
 
+def decoder_with_filled_cache(
+    model: Any,
+    encoded: torch.Tensor,
+    mask: torch.Tensor,
+    decoder_ids: torch.Tensor,
+    self_kv: list[tuple[torch.Tensor, ...]],
+    cross_kv: list[tuple[torch.Tensor, ...]],
+    encoder_keys: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """An encoder-decoder's own decoder given a hand-filled ``EncoderDecoderCache``:
+    layer i's self-attention holds ``self_kv[i]`` (the prefix), its cross-attention
+    ``[cross_kv[i] ; encoder_keys[i]]`` (the prefix, then keys of the encoder output)."""
+    b, p = decoder_ids.shape[0], self_kv[0][0].shape[2]
+    self_cache, cross_cache = DynamicCache(), DynamicCache()
+    cache = EncoderDecoderCache(self_cache, cross_cache)
+    layers = zip(self_kv, cross_kv, encoder_keys, strict=True)
+    for i, ((sk, sv), (ck, cv), (k, v)) in enumerate(layers):
+        self_cache.update(sk.expand(b, -1, -1, -1), sv.expand(b, -1, -1, -1), i)
+        cross_cache.update(
+            torch.cat([ck.expand(b, -1, -1, -1), k], 2),
+            torch.cat([cv.expand(b, -1, -1, -1), v], 2),
+            i,
+        )
+        cache.is_updated[i] = True  # the decoder reuses these cross keys as they are
+    # The encoder output only sizes the cross mask here: its keys come from the cache.
+    padded_encoded = torch.cat([torch.zeros(b, p, encoded.shape[-1]), encoded], dim=1)
+    out = model(
+        encoder_outputs=(padded_encoded,),
+        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
+        decoder_input_ids=decoder_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits: torch.Tensor = out.logits
+    return logits
+
+
 # -- T5 ---------------------------------------------------------------------------
 
 
@@ -150,33 +187,16 @@ def t5_logits(
     kv = site_kv(table, 3 * layers, h, d)  # enc 0..L-1, then (dec_self, cross) per layer
     enc_kv, dec_kv = kv[:layers], kv[layers:]
     encoded = t5_encoder(model, ids, mask, enc_kv)
-    b, p = ids.shape[0], table.shape[0]
-    self_cache, cross_cache = DynamicCache(), DynamicCache()
-    cache = EncoderDecoderCache(self_cache, cross_cache)
-    for i, block in enumerate(model.decoder.block):
-        self_k, self_v = dec_kv[2 * i]
-        cross_k, cross_v = dec_kv[2 * i + 1]
-        self_cache.update(self_k.expand(b, -1, -1, -1), self_v.expand(b, -1, -1, -1), i)
+    b = ids.shape[0]
+    keys = []
+    for block in model.decoder.block:
         cross = block.layer[1].EncDecAttention
         k = cross.k(encoded).view(b, -1, h, d).transpose(1, 2)
         v = cross.v(encoded).view(b, -1, h, d).transpose(1, 2)
-        cross_cache.update(
-            torch.cat([cross_k.expand(b, -1, -1, -1), k], 2),
-            torch.cat([cross_v.expand(b, -1, -1, -1), v], 2),
-            i,
-        )
-        cache.is_updated[i] = True  # the decoder reuses these cross keys as they are
-    # The encoder output only sizes the cross mask here: its keys come from the cache.
-    padded_encoded = torch.cat([torch.zeros(b, p, encoded.shape[-1]), encoded], dim=1)
-    out = model(
-        encoder_outputs=(padded_encoded,),
-        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
-        decoder_input_ids=decoder_ids,
-        past_key_values=cache,
-        use_cache=True,
+        keys.append((k, v))
+    return decoder_with_filled_cache(
+        model, encoded, mask, decoder_ids, dec_kv[0::2], dec_kv[1::2], keys
     )
-    logits: torch.Tensor = out.logits
-    return logits
 
 
 # -- BART ---------------------------------------------------------------------------
@@ -285,34 +305,15 @@ def bart_decoder_with_cache(
     the prefix; cross: the prefix + keys computed from the encoder output).
     BART numbers decoder positions from the cache length, so its tokens sit
     at ``P, P + 1, ...``: the ``shift_positions=True`` reference."""
-    b, p = decoder_ids.shape[0], self_kv[0][0].shape[2]
-    self_cache, cross_cache = DynamicCache(), DynamicCache()
-    cache = EncoderDecoderCache(self_cache, cross_cache)
-    for i, layer in enumerate(model.get_decoder().layers):
+    b = decoder_ids.shape[0]
+    keys = []
+    for layer in model.get_decoder().layers:
         cross = layer.encoder_attn
         h, d = cross.num_heads, cross.head_dim
-        self_cache.update(
-            self_kv[i][0].expand(b, -1, -1, -1), self_kv[i][1].expand(b, -1, -1, -1), i
-        )
         k = cross.k_proj(encoded).view(b, -1, h, d).transpose(1, 2)
         v = cross.v_proj(encoded).view(b, -1, h, d).transpose(1, 2)
-        cross_cache.update(
-            torch.cat([cross_kv[i][0].expand(b, -1, -1, -1), k], 2),
-            torch.cat([cross_kv[i][1].expand(b, -1, -1, -1), v], 2),
-            i,
-        )
-        cache.is_updated[i] = True  # the decoder reuses these cross keys as they are
-    # The encoder output only sizes the cross mask here: its keys come from the cache.
-    padded_encoded = torch.cat([torch.zeros(b, p, encoded.shape[-1]), encoded], dim=1)
-    out = model(
-        encoder_outputs=(padded_encoded,),
-        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
-        decoder_input_ids=decoder_ids,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    logits: torch.Tensor = out.logits
-    return logits
+        keys.append((k, v))
+    return decoder_with_filled_cache(model, encoded, mask, decoder_ids, self_kv, cross_kv, keys)
 
 
 def bart_logits(
