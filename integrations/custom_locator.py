@@ -52,9 +52,12 @@ class GPTJLocator(ph.Locator):
 
     Found with ``print(model)`` and the attention module's ``forward`` signature:
     ``transformer.wte`` embeds the ids, ``transformer`` takes ``input_ids`` and
-    ``attention_mask``, and each ``transformer.h[i].attn`` receives the cache as
-    ``layer_past`` (not ``past_key_values``), calls ``layer_past.update(k, v,
-    self.layer_idx)`` and adds the 4-D ``attention_mask`` to its scores.
+    ``attention_mask``, and each ``transformer.h[i].attn`` receives a cache
+    (``layer_past`` up to transformers 5.23, ``cache`` from 5.24), calls its
+    ``update(k, v, self.layer_idx)`` and adds the 4-D ``attention_mask`` to its
+    scores. The argument names are left out of ``AttentionSite``: prompthooks
+    reads them from the forward signature, so the locator works on both sides
+    of that rename.
     """
 
     name = "gptj"
@@ -79,8 +82,6 @@ class GPTJLocator(ph.Locator):
                     num_kv_heads=kv_heads,
                     head_dim=head_dim,
                     causal=True,
-                    mask_arg="attention_mask",
-                    cache_arg="layer_past",
                 )
             )
         return ph.Located(
@@ -300,7 +301,8 @@ def check_sites(model: GPTJForCausalLM, located: ph.Located) -> None:
             config.n_head,
             config.n_embd // config.n_head,
         )
-        assert site.cache_arg == "layer_past"
+        # read from the signature: the name this transformers release uses
+        assert site.cache_arg in ("layer_past", "cache") and site.mask_arg == "attention_mask"
 
 
 def check_prompt_tuning(

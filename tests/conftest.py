@@ -32,3 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name.startswith(FAMILY_FILES) and not item.get_closest_marker("kernel_paths"):
             item.add_marker(pytest.mark.workflow)
+        # Each family's oracles are its kernel-path tests: they also run on the
+        # oldest supported transformers release (tests/test_releases.py).
+        if item.get_closest_marker("kernel_paths"):
+            item.add_marker(pytest.mark.oldest_release)

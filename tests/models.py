@@ -9,9 +9,13 @@ from typing import Any
 
 import torch
 import transformers as tf
+from packaging.version import Version
 from torch import nn
 
 ARCHS = ("gpt2", "llama", "t5", "bert")
+#: The keyword transformers attention modules and stacks take their cache under:
+#: renamed from ``past_key_values`` in 5.24 (prompthooks reads it from signatures).
+CACHE_ARG = "cache" if Version(tf.__version__).release >= (5, 24) else "past_key_values"
 DECODER_ONLY = ("gpt2", "llama")
 VOCAB = 61
 MAX_POSITIONS = 64

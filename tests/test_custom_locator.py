@@ -17,6 +17,7 @@ Every test leaves the global registry as it found it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -32,6 +33,7 @@ from models import batch, same_snapshot, snapshot, tiny
 from prefix_oracle import decoder_only_logits
 from torch import nn
 from transformers import DynamicCache
+from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 import prompthooks as ph
 from prompthooks.methods import Prefix
@@ -102,9 +104,13 @@ def test_worked_example_runs_and_holds() -> None:
     assert lines[0] == "GPTJForCausalLM (located by 'gptj')"
     assert "  token embedding : transformer.wte (61 x 32)" in lines
     assert "  input stack     : transformer" in lines
+    # the name this transformers release gives the cache (5.24 renamed it)
+    taken = inspect.signature(GPTJAttention.forward).parameters
+    cache = "cache" if "cache" in taken else "layer_past"
     for layer in (0, 1):
         site = (
-            f"layer  {layer}  transformer.h.{layer}.attn  kv_heads=4 head_dim=8  cache=layer_past"
+            f"layer  {layer}  transformer.h.{layer}.attn  kv_heads=4 head_dim=8  "
+            f"cache={cache} mask=attention_mask"
         )
         assert any(line.endswith(site) for line in lines), report.summary
     # 3.-4. the oracles, and prompts that matter

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import batch, decoder_ids, same_snapshot, snapshot
+from models import CACHE_ARG, batch, decoder_ids, same_snapshot, snapshot
 from prefix_oracle import (
     bart_decoder_by_hand,
     bart_decoder_with_cache,
@@ -151,7 +151,7 @@ def test_sites(head: str) -> None:
         assert (site.num_kv_heads, site.head_dim) == (4, 8)
         assert site.layer == site.module.layer_idx  # the index the cache is updated with
         assert site.causal == (site.role == "dec_self")
-        assert (site.mask_arg, site.cache_arg) == ("attention_mask", "past_key_values")
+        assert (site.mask_arg, site.cache_arg) == ("attention_mask", CACHE_ARG)
     summary = str(found)
     assert type(model).__name__ in summary and "encoder.layers.1.self_attn" in summary
     assert "decoder.layers.0.encoder_attn" in summary and "position tables" in summary

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import same_snapshot, snapshot
+from models import CACHE_ARG, same_snapshot, snapshot
 from prefix_oracle import filled_cache, positions, site_kv
 from torch import nn
 
@@ -275,7 +275,7 @@ def test_sites(family: str, head: str) -> None:
     for site in found.sites:  # the kwargs the hooks rewrite exist under these names
         params = inspect.signature(site.module.forward).parameters
         assert site.cache_arg in params and site.mask_arg in params
-    assert found.sites[0].cache_arg == ("layer_past" if family == "neox" else "past_key_values")
+    assert found.sites[0].cache_arg == ("layer_past" if family == "neox" else CACHE_ARG)
     # Shapes the cache really holds: (batch, kv heads, length, head_dim) per layer.
     ids, mask = left_padded([5, 3])
     with torch.no_grad():

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import pytest
@@ -386,6 +387,21 @@ def test_distilbert_oracle_depends_on_every_site_and_keys_and_values() -> None:
             torch.testing.assert_close(got[mask.bool()], oracle[mask.bool()], atol=1e-5, rtol=0)
 
 
+def _show_peft_a_past_key_values_parameter(backbone: nn.Module) -> None:
+    """PEFT 0.21.2 runs a classifier's prefix only if the backbone's forward
+    names ``past_key_values``, which transformers 5.24 renamed to ``cache``
+    (keeping the old name as an alias). Name it again, so PEFT runs its own code
+    unchanged; the alias carries the value."""
+    if "past_key_values" in inspect.signature(backbone.forward).parameters:
+        return
+    bound = backbone.forward
+
+    def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        return bound(*args, past_key_values=past_key_values, **kwargs)
+
+    backbone.forward = forward  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("task", ["FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS"])
 def test_roberta_prefix_matches_peft(task: str) -> None:
     """PEFT's P-tuning v2 (prefix as past, RoBERTa numbers positions from the
@@ -396,6 +412,8 @@ def test_roberta_prefix_matches_peft(task: str) -> None:
     peft_model = get_peft_model(
         copy.deepcopy(model), PrefixTuningConfig(task_type=task, num_virtual_tokens=P)
     )
+    if head != "base":
+        _show_peft_a_past_key_values_parameter(peft_model.base_model.roberta)
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(table)
     peft_model.eval()

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import batch, same_snapshot, snapshot, unpad
+from models import CACHE_ARG, batch, same_snapshot, snapshot, unpad
 from oracle import oracle_logits
 from prefix_oracle import decoder_only_logits
 from torch import nn
@@ -229,7 +229,7 @@ def test_gemma3_sliding_and_full_layers_get_their_own_prefix_columns(attn: str) 
 
     def spy(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            seen[layer] = (kwargs["attention_mask"], kwargs["past_key_values"])
+            seen[layer] = (kwargs["attention_mask"], kwargs[CACHE_ARG])
 
         return hook
 
@@ -531,11 +531,13 @@ def test_encoder_decoders_are_not_claimed() -> None:
     assert ph.locate(bart).locator != "llama-like"
 
 
-def test_a_user_subclass_with_a_renamed_cache_argument_is_refused() -> None:
-    """The same modules, but attention that takes its cache under another
-    name: the prefix hooks could not reach it, so the layout does not match."""
+def test_a_user_subclass_with_an_unknown_cache_argument_is_refused() -> None:
+    """The same modules, but attention that takes its cache under a name
+    prompthooks does not know (``conventions.CACHE_NAMES``): the prefix hooks
+    could not reach it, so the layout does not match. (A known older name,
+    ``past_key_value``, is served: tests/test_conventions.py.)"""
 
-    class OldStyleAttention(nn.Module):
+    class UnknownNameAttention(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
             super().__init__()
             self.inner = inner
@@ -546,14 +548,14 @@ def test_a_user_subclass_with_a_renamed_cache_argument_is_refused() -> None:
             self,
             hidden_states: torch.Tensor,
             attention_mask: torch.Tensor | None = None,
-            past_key_value: Any = None,
+            kv_store: Any = None,
             **kwargs: Any,
         ) -> Any:
             return self.inner(hidden_states, attention_mask=attention_mask, **kwargs)
 
     model = tiny_family("qwen3")
     for layer in model.model.layers:
-        layer.self_attn = OldStyleAttention(layer.self_attn)
+        layer.self_attn = UnknownNameAttention(layer.self_attn)
     assert not LlamaLikeLocator().matches(model)
     with pytest.raises(ph.UnsupportedModelError):
         ph.locate(model)

@@ -550,10 +550,10 @@ def test_static_cache_under_autocast_behaves_as_for_the_base_model(arch: str, me
     own projections produce them (the autocast dtype), not fp32: GPT-2's static
     cache then works (it failed with ``index_copy_(): self and source expected to
     have the same dtype``) and the dynamic cache is no wider than the base model's
-    (it was fp32, twice the base model's bf16). LLaMA's static cache fails under
-    autocast in transformers itself (RoPE makes its keys fp32 while values stay
-    bf16, and the static cache takes one dtype); with a prompt it fails the same
-    way, a dtype mismatch in the static cache's ``index_copy_``."""
+    (it was fp32, twice the base model's bf16). Up to transformers 5.23 LLaMA's
+    static cache failed under autocast in transformers itself (RoPE made its keys
+    fp32 while values stayed bf16, and the static cache takes one dtype); with a
+    prompt it failed the same way. 5.25 serves it: so must the prompted model."""
     steps = 4
     model = tiny(arch)
     kw = inputs(arch, [6, 3], seed=8)
@@ -575,7 +575,8 @@ def test_static_cache_under_autocast_behaves_as_for_the_base_model(arch: str, me
             else:
                 static = model.generate(**call, cache_implementation="static")
                 assert torch.equal(static, dynamic.sequences)
-    assert (arch == "llama") == (base_error is not None)
+    if arch == "gpt2":  # GPT-2's static cache works under autocast in every release
+        assert base_error is None
     for ours, theirs in zip(
         dynamic.past_key_values.layers, base.past_key_values.layers, strict=True
     ):

@@ -10,6 +10,7 @@ from oracle import oracle_logits
 import prompthooks as ph
 
 
+@pytest.mark.oldest_release
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_and_loss_match_inputs_embeds_oracle(arch: str, attn: str) -> None:

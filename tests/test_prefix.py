@@ -115,6 +115,7 @@ def test_save_peft_round_trip(arch: str, tmp_path: Path) -> None:
     torch.testing.assert_close(again[real], ours[real], atol=1e-6, rtol=0)
 
 
+@pytest.mark.oldest_release
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
@@ -134,6 +135,7 @@ def test_hand_filled_cache_oracle(arch: str, shift: bool, use_cache: bool) -> No
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.oldest_release
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_t5_three_sites_against_hand_written_oracle(attn: str, use_cache: bool) -> None:

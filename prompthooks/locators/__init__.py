@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (registration side effect)
     torch_mha,
 )
 from .base import AttentionSite, Located, Locator, PositionTable
+from .conventions import PromptNotAppliedError
 from .registry import (
     UnsupportedModelError,
     locate,
@@ -30,6 +31,7 @@ __all__ = [
     "Located",
     "Locator",
     "PositionTable",
+    "PromptNotAppliedError",
     "UnsupportedModelError",
     "locate",
     "register_locator",

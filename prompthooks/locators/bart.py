@@ -35,7 +35,6 @@ from .registry import register_locator
 
 
 def _site(attn: Any, role: Role, layer: int) -> AttentionSite:
-    # BartAttention.forward(hidden_states, key_value_states, past_key_values, attention_mask)
     return AttentionSite(
         attn, role, layer, int(attn.num_heads), int(attn.head_dim), causal=bool(attn.is_causal)
     )

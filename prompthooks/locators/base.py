@@ -9,11 +9,13 @@ the `Located` record, so the rest of the library never imports a model class.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from .conventions import CACHE_NAMES, MASK_NAMES, CallNames, named_parameters
 
 Role = Literal["self", "enc_self", "dec_self", "cross"]
 
@@ -33,7 +35,10 @@ class AttentionSite:
             passes no mask at all (sdpa's ``is_causal`` shortcut), which a
             prefix makes wrong, so the hook must build one.
         mask_arg, cache_arg: names of the forward keyword arguments that hold
-            the 4-D attention mask and the key/value cache.
+            the 4-D attention mask and the key/value cache. Left ``None``,
+            they are read from the module's forward signature (see
+            ``conventions``); a name the forward does not take stays ``None``
+            and attaching a prefix is refused.
         prefix_in: where the prefix enters. ``cache``: as keys and values,
             through the cache argument (transformers attention modules).
             ``inputs``: as ``num_kv_heads * head_dim`` wide vectors in front of
@@ -60,12 +65,24 @@ class AttentionSite:
     num_kv_heads: int
     head_dim: int
     causal: bool = True
-    mask_arg: str = "attention_mask"
-    cache_arg: str = "past_key_values"
+    mask_arg: str | None = None
+    cache_arg: str | None = None
     prefix_in: Literal["cache", "inputs", "projections"] = "cache"
     key_proj: nn.Module | None = None
     value_proj: nn.Module | None = None
     window: int | None = None
+
+    def __post_init__(self) -> None:
+        # Read once here, at locate time: the hooks use these names on every call.
+        if self.prefix_in == "inputs":  # nn.MultiheadAttention: torch's own, stable names
+            return
+        names = named_parameters(self.module)
+        if self.mask_arg is None:
+            mask = next((n for n in MASK_NAMES if n in names), None)
+            object.__setattr__(self, "mask_arg", mask)
+        if self.cache_arg is None and self.prefix_in == "cache":
+            cache = next((n for n in CACHE_NAMES if n in names), None)
+            object.__setattr__(self, "cache_arg", cache)
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,22 @@ class Located:
     shifted_labels: bool = False
     first_position: int = 0
     position_tables: tuple[PositionTable, ...] = ()
+    #: How the model, the input stack and each encoder-mask reader take their
+    #: cache, mask and positions, read from their signatures (``CallNames``).
+    calls: tuple[tuple[nn.Module, CallNames], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.calls:  # read once, at locate time
+            modules = dict.fromkeys([self.model, self.input_stack, *self.encoder_mask_readers])
+            object.__setattr__(self, "calls", tuple((m, CallNames.of(m)) for m in modules))
+
+    def call_names(self, module: nn.Module) -> CallNames:
+        """The argument names ``module`` (the model, its input stack or an
+        encoder-mask reader) takes its cache, mask and positions under."""
+        for known, names in self.calls:
+            if known is module:
+                return names
+        return CallNames.of(module)
 
     @property
     def hidden_size(self) -> int:
@@ -163,6 +196,7 @@ class Located:
             f"  token embedding : {name(self.embedding)} ({self.vocab_size} x {self.hidden_size})",
             f"  input stack     : {name(self.input_stack)}",
         ]
+        lines += [f"  call names      : {name(m)}: {names}" for m, names in self.calls]
         if self.encoder_mask_readers:
             readers = ", ".join(name(m) for m in self.encoder_mask_readers)
             lines.append(f"  encoder masks   : {readers}")
@@ -194,13 +228,11 @@ class Located:
 
 
 def _kwarg_names(site: AttentionSite) -> str:
-    """The site's mask and cache keyword names where they are not the usual ones."""
-    unusual = []
-    if site.mask_arg != "attention_mask":
-        unusual.append(f"mask={site.mask_arg}")
-    if site.cache_arg != "past_key_values":
-        unusual.append(f"cache={site.cache_arg}")
-    return "  " + " ".join(unusual) if unusual else ""
+    """The keyword names the site's forward takes its cache and mask under."""
+    names = [f"mask={site.mask_arg}"]
+    if site.prefix_in == "cache":
+        names.insert(0, f"cache={site.cache_arg}")
+    return "  " + " ".join(names)
 
 
 class Locator:

@@ -1,9 +1,9 @@
 """GPT-NeoX (Pythia, GPT-NeoX-20B): ``GPTNeoXModel`` and its heads.
 
 Differences from GPT-2/LLaMA that the hooks must know (transformers 5.x):
-the attention module receives its cache as ``layer_past`` (not
-``past_key_values``), and one fused ``query_key_value`` projection holds the
-queries, keys and values of every head, interleaved head by head.
+the attention module receives its cache as ``layer_past`` (read from its
+signature, like every site's), and one fused ``query_key_value`` projection
+holds the queries, keys and values of every head, interleaved head by head.
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ class GPTNeoXLocator(Locator):
             # head), not from the config.
             kv_heads = int(attn.query_key_value.out_features) // (3 * head_dim)
             index = i if attn.layer_idx is None else int(attn.layer_idx)
-            sites.append(
-                AttentionSite(attn, "self", index, kv_heads, head_dim, cache_arg="layer_past")
-            )
+            sites.append(AttentionSite(attn, "self", index, kv_heads, head_dim))
         max_pos = getattr(stack.config, "max_position_embeddings", None)
         return Located(
             locator=self.name,

@@ -3,8 +3,9 @@
 Mistral, Mixtral, Qwen2/3, Gemma, Gemma 2/3, Phi-3, Granite, Olmo, Cohere and
 many more share LLaMA's layout: a stack (the model or its ``.model``) with
 ``embed_tokens`` and ``layers``, each layer a ``self_attn`` module with a
-``head_dim`` whose forward takes ``attention_mask`` and a ``past_key_values``
-cache it calls ``update(k, v, layer_idx)`` on. Naming every such class would
+``head_dim`` whose forward takes ``attention_mask`` and a cache it calls
+``update(k, v, layer_idx)`` on (``past_key_values`` up to transformers 5.23,
+``cache`` from 5.24: any name in ``conventions.CACHE_NAMES``). Naming every such class would
 miss the next family, so this locator checks the layout itself: key/value
 heads come from the key projection (or a fused ``qkv_proj``), sliding windows
 from the module or the config. It refuses what the prefix hooks could not
@@ -15,28 +16,26 @@ leaving those to another locator or to ``UnsupportedModelError``.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
 from .base import AttentionSite, Located, Locator
+from .conventions import CACHE_NAMES, named_parameters
 from .registry import register_locator
 
-#: Keyword arguments the stack's forward must take: the token hooks rewrite them.
-_STACK_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
-#: Keyword arguments every attention module's forward must take: the prefix hooks
-#: replace the cache and pad the 4-D mask.
-_ATTENTION_ARGS = ("attention_mask", "past_key_values")
+#: Keyword arguments the stack's forward must take (and a cache under any of its
+#: names): the token hooks rewrite them.
+_STACK_ARGS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+#: Keyword arguments every attention module's forward must take (and a cache):
+#: the prefix hooks replace the cache and pad the 4-D mask.
+_ATTENTION_ARGS = ("attention_mask",)
 
 
 def _takes(module: nn.Module, names: tuple[str, ...]) -> bool:
-    """The module's forward names every one of ``names`` as a parameter."""
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(n in params for n in names)
+    """The module's forward names every one of ``names`` and a cache as parameters."""
+    params = named_parameters(module)
+    return all(n in params for n in names) and any(n in params for n in CACHE_NAMES)
 
 
 def _int(value: Any) -> int | None:

@@ -26,7 +26,6 @@ def _site(attn: Any, role: Role, layer: int) -> AttentionSite:
         int(attn.n_heads),
         int(attn.key_value_proj_dim),
         causal=bool(attn.is_causal),
-        mask_arg="mask",  # T5Attention.forward(hidden_states, mask=..., ...)
     )
 
 

@@ -26,13 +26,13 @@ def capacity(cache: Any) -> int | None:
     return int(layers[0].max_cache_len)
 
 
-def make_room(cache: Any, layer: int, count: int) -> None:
+def make_room(cache: Any, layer: int, count: int) -> bool:
     """A fixed-size cache layer gets ``count`` more slots, which ``generate`` did
     not plan for. Possible only before the layer allocates; growing caches are
-    left alone."""
+    left alone. Returns whether the layer is a fixed-size one."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer >= len(layers) or not hasattr(layers[layer], "max_cache_len"):
-        return
+        return False
     target = layers[layer]
     if getattr(target, "is_initialized", False):
         raise ValueError(
@@ -41,6 +41,7 @@ def make_room(cache: Any, layer: int, count: int) -> None:
             "tokens; let generate() create the cache, or allocate it after attaching"
         )
     target.max_cache_len += count
+    return True
 
 
 def make_room_everywhere(cache: Any, count: int) -> None:

@@ -32,7 +32,6 @@ counts and a prefix given by proxy does not) have their position tables
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,9 +44,11 @@ from torch.utils.hooks import RemovableHandle
 from ..kernels import prefix_concat
 from ..kernels.concat import accumulation_dtype, per_row
 from ..locators.base import AttentionSite, Located, PositionTable, Role
+from ..locators.conventions import read_cache
 from ..methods.prefix_tuning import Prefix
 from .bank import PromptBank
 from .caches import capacity, layer_cache, make_room
+from .checks import check_sites_take_their_names, not_applied
 from .layout import positions_from_mask
 from .tokens import Kwargs, bind_kwargs, cache_length
 
@@ -70,10 +71,12 @@ class PrefixedKV:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         # (H, P, D) shared by every row, or (B, H, W, D) per row
         self.keys, self.values = keys, values
+        self.used = False  # the module asked for its keys (checked after the stack)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.used = True
         return prefix_concat(self.keys, key_states), prefix_concat(self.values, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -232,6 +235,7 @@ class PrefixHooks:
     """The hook functions of one attachment's prefixes, sharing per-call state."""
 
     def __init__(self, located: Located, bank: PromptBank) -> None:
+        check_sites_take_their_names(located)
         self.located = located
         self.bank = bank
         self.sites = located.sites
@@ -245,7 +249,14 @@ class PrefixHooks:
         self._windowed: dict[tuple[Role, int], tuple[Any, torch.Tensor | None]] = {}
         # Caches that hold a prefix at their front, and how it is laid out.
         self.prefixed: weakref.WeakKeyDictionary[Any, PrefixRows] = weakref.WeakKeyDictionary()
-        self._takes_positions: dict[nn.Module, bool] = {}
+        # What this call handed each site (a cache stand-in, or the real cache
+        # holding the prefix), and per side a filled cache with its length before
+        # the stack ran: checked after the stack (see ``_check_applied``).
+        self._handed: dict[int, Any] = {}
+        self._filled: dict[frozenset[Role], tuple[Any, int]] = {}
+        # Sites whose fixed-size cache layer got the prefix before the model's own
+        # keys this call: on their first update it takes the model's dtypes.
+        self._adopting: set[int] = set()
         # Per stack side, the position of the current call's first new token, for
         # the stacks that number positions themselves (int, or (B, 1) per row).
         self._starts: dict[frozenset[Role], torch.Tensor | int] = {}
@@ -261,12 +272,14 @@ class PrefixHooks:
     def install(self) -> None:
         loc = self.located
         self._handles = [
-            loc.input_stack.register_forward_pre_hook(self.input_pre, with_kwargs=True)
+            loc.input_stack.register_forward_pre_hook(self.input_pre, with_kwargs=True),
+            loc.input_stack.register_forward_hook(self.input_post),
         ]
         for decoder in loc.encoder_mask_readers:
-            self._handles.append(
-                decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True)
-            )
+            self._handles += [
+                decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True),
+                decoder.register_forward_hook(self.decoder_post),
+            ]
         # Every attention site gets its hook now, not when first needed: installing
         # hooks inside a forward call would break a ``torch.compile`` graph. A hook
         # with nothing to do (cache mode, decode steps) returns at once.
@@ -309,13 +322,58 @@ class PrefixHooks:
         self._reentrant = set()
         self._padded = {}
         self._windowed = {}
+        self._handed = {}
+        self._filled = {}
+        self._adopting = set()
         return self._stack_pre(module, args, kwargs, INPUT_SIDE)
 
     def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         self._proxy -= DECODER_SIDE
         self._padded = {}
         self._windowed = {}
+        self._filled.pop(DECODER_SIDE, None)
         return self._stack_pre(module, args, kwargs, DECODER_SIDE)
+
+    def input_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._check_applied(module, INPUT_SIDE)
+
+    def decoder_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._check_applied(module, DECODER_SIDE)
+
+    def _check_applied(self, stack: nn.Module, roles: frozenset[Role]) -> None:
+        """After a stack ran: every site of ``roles`` used the prefix it was handed
+        (proxy mode), or the filled cache grew by the stack's tokens (cache mode)."""
+        filled = self._filled.pop(roles, None)
+        if filled is not None:
+            cache, before = filled
+            if cache_length(cache) <= before:
+                raise not_applied(
+                    self.located,
+                    stack,
+                    "the key/value cache that holds the prefix was not updated",
+                    f"{type(stack).__name__} to pass that cache to its attention modules",
+                )
+        if not (roles & self._proxy):
+            return
+        for index, site in enumerate(self.sites):
+            if site.role not in roles or site.prefix_in != "cache":
+                continue
+            handed = self._handed.pop(index, None)
+            if handed is None:
+                raise not_applied(
+                    self.located,
+                    site.module,
+                    "the prefix never reached this attention site (its pre-hook did not run)",
+                    f"{type(stack).__name__} to call every attention module it located",
+                )
+            if not handed.used:
+                raise not_applied(
+                    self.located,
+                    site.module,
+                    f"the prefix handed over as {site.cache_arg!r} was never asked for its keys",
+                    f"{type(site.module).__name__}.forward to take its key/value cache as "
+                    f"{site.cache_arg!r} and call its update()",
+                )
 
     def _stack_pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs, roles: frozenset[Role]
@@ -331,7 +389,8 @@ class PrefixHooks:
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if x is None:
             return None
-        cache = kw.get("past_key_values")
+        names = self.located.call_names(module)
+        cache = read_cache(kw, names.cache)
         past = cache_length(cache)
         new = x.shape[1]
         mask = kw.get("attention_mask")
@@ -349,6 +408,7 @@ class PrefixHooks:
                     "past_key_values while the prefix is attached"
                 )
             self._rows = rows
+            self._filled[roles] = (cache, past)
             if mask is None and rows.keep is not None:  # rows must not see their unused slots
                 mask = torch.ones(x.shape[0], past + new - width, dtype=torch.long, device=x.device)
             if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - width):
@@ -363,6 +423,7 @@ class PrefixHooks:
             checkpointing = module.training and bool(getattr(module, "gradient_checkpointing", 0))
             if cache is not None and not checkpointing:
                 self._fill(cache, roles, x.shape[0])
+                self._filled[roles] = (cache, cache_length(cache))
                 if mask is None and rows.keep is not None:
                     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
                 if mask is not None:
@@ -377,7 +438,7 @@ class PrefixHooks:
             self._cross_count = width
         self._check_length(module, user_past + new + rows.largest_offset)
         self._starts[roles] = user_past + rows.offsets
-        if self._stack_takes_positions(module):
+        if names.positions is not None:
             kw["position_ids"] = self._positions(kw, mask, user_past, new)
         return (), kw
 
@@ -405,12 +466,6 @@ class PrefixHooks:
 
     def _causal(self, roles: frozenset[Role]) -> bool:
         return self._causal_roles[roles]
-
-    def _stack_takes_positions(self, module: nn.Module) -> bool:
-        if module not in self._takes_positions:
-            params = inspect.signature(module.forward).parameters
-            self._takes_positions[module] = "position_ids" in params
-        return self._takes_positions[module]
 
     def _check_length(self, module: nn.Module, length: int) -> None:
         limit = self.located.max_positions
@@ -456,9 +511,14 @@ class PrefixHooks:
             rows = self._rows
             if rows is None:
                 return None
+            if index in self._adopting:  # the prefill call of a fixed-size cache
+                self._adopting.discard(index)
+                assert site.cache_arg is not None  # checked at attach
+                cache = _AdoptsDtypes(read_cache(kwargs, site.cache_arg), site.role)
+                kwargs = {**kwargs, site.cache_arg: cache}
             proxy = site.role in self._proxy
             if not proxy and not (site.role == "cross" and self._cross_count):
-                return None
+                return args, kwargs
             if len(args) > 1:
                 kw, args = bind_kwargs(module, args, kwargs), ()
                 hidden = kw["hidden_states"]
@@ -475,15 +535,24 @@ class PrefixHooks:
                     # its own: give the layer its own graph to the prefix parameters
                     # instead of sharing (and freeing) the one built for the call.
                     keys, values = self._build(batch)[1][index]
-                cache = kw.get(site.cache_arg)
+                name = site.cache_arg
+                assert name is not None  # checked at attach
+                cache = read_cache(kw, name)
                 if cache is None:
-                    kw[site.cache_arg] = PrefixedKV(keys, values)
+                    kw[name] = self._handed[index] = PrefixedKV(keys, values)
                 else:  # a cache the model made inside its forward: keep the prefix in it
                     dtype = cached_dtype(hidden.dtype, hidden.device)
                     self._write(cache, site, keys, values, batch, dtype)
+                    kw[name] = cache
+                    if index in self._adopting:
+                        self._adopting.discard(index)
+                        kw[name] = _AdoptsDtypes(cache, site.role)
+                    self._handed[index] = _GrowsPast(layer_cache(cache, site.role), site.layer)
                     if site.window is not None:
-                        kw[site.cache_arg] = StoredPrefixedKV(cache, keys, values)
-            mask = kw.get(site.mask_arg)
+                        kw[name] = self._handed[index] = StoredPrefixedKV(cache, keys, values)
+            mask_name = site.mask_arg
+            assert mask_name is not None  # checked at attach
+            mask = kw.get(mask_name)
             # Layers of one role share a mask; sliding-window layers share theirs.
             window = site.window
             if window is None:
@@ -491,7 +560,7 @@ class PrefixHooks:
             else:
                 seen = self._windowed.get((site.role, window))
             if seen is not None and seen[0] is mask:
-                kw[site.mask_arg] = seen[1]
+                kw[mask_name] = seen[1]
             else:
                 causal = site.causal and site.role != "cross"
                 padded = pad_mask(
@@ -501,7 +570,7 @@ class PrefixHooks:
                     self._padded[site.role] = (mask, padded)
                 else:
                     self._windowed[(site.role, window)] = (mask, padded)
-                kw[site.mask_arg] = padded
+                kw[mask_name] = padded
             return args, kw
 
         return attention_pre
@@ -550,10 +619,13 @@ class PrefixHooks:
                 kw["hidden_states"] = extended
             armed["kv"] = self._proxy_kv(index, hidden.shape[0])
             armed["width"] = width
-            mask = kw.get(site.mask_arg)
+            armed["projected"] = 0
+            mask_name = site.mask_arg
+            assert mask_name is not None  # checked at attach
+            mask = kw.get(mask_name)
             seen = self._padded.get(site.role)
             if seen is not None and seen[0] is mask:  # every layer gets the same mask
-                kw[site.mask_arg] = seen[1]
+                kw[mask_name] = seen[1]
                 return args, kw
             padded = pad_mask(mask, rows, hidden.shape[1], site.causal, hidden.dtype, hidden.device)
             if padded is not None and padded.shape[-2] != 1:  # one mask row per query
@@ -561,7 +633,7 @@ class PrefixHooks:
                 front = padded.new_full((*padded.shape[:-2], width, padded.shape[-1]), attend)
                 padded = torch.cat([front, padded], dim=-2)
             self._padded[site.role] = (mask, padded)
-            kw[site.mask_arg] = padded
+            kw[mask_name] = padded
             return args, kw
 
         def projected(part: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], Any]:
@@ -569,6 +641,7 @@ class PrefixHooks:
                 if "kv" not in armed:
                     return None
                 width = armed["width"]
+                armed["projected"] += 1
                 b, length = output.shape[0], output.shape[1] - width
                 real = output[:, width:].view(b, length, site.num_kv_heads, site.head_dim)
                 joined = prefix_concat(armed["kv"][part], real.transpose(1, 2))
@@ -579,8 +652,16 @@ class PrefixHooks:
         def attention_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             if "kv" not in armed:
                 return None
-            width = armed["width"]
+            width, projected = armed["width"], armed["projected"]
             armed.clear()
+            if projected != 2:
+                raise not_applied(
+                    self.located,
+                    module,
+                    f"the prefix reached {projected} of its key and value projections",
+                    f"{type(module).__name__} to run its key and value projections "
+                    "once each per call",
+                )
             if isinstance(output, tuple):  # (attention output, weights or None)
                 weights = output[1] if len(output) > 1 else None
                 if isinstance(weights, torch.Tensor):  # (B, H, queries, keys): drop queries
@@ -623,11 +704,55 @@ class PrefixHooks:
                 f"prefix: layer {site.layer}'s cache is not empty at the start of a sequence"
             )
         assert self._rows is not None
-        make_room(target, site.layer, self._rows.width)
+        # (Encoder-decoder caches are not wrapped: modules test their class. T5's and
+        # BART's keys and values share one dtype anyway: no rotary embedding.)
+        if make_room(target, site.layer, self._rows.width) and target is cache:
+            self._adopting.add(self.sites.index(site))
         k = _batched(keys, batch, dtype).contiguous()
         v = _batched(values, batch, dtype).contiguous()
         target.update(k, v, site.layer)
         self.prefixed[cache] = self._rows
+
+
+class _AdoptsDtypes:
+    """A cache whose fixed-size layer was allocated for the prefix, in the dtype
+    prompthooks chose, before the model's first keys arrived. On that update the
+    layer takes the dtypes of the model's keys and values (an exact widening of
+    the prefix where they are wider), as it would without a prefix: under
+    autocast a rotary model's keys are fp32 while its values are bf16, and a
+    static layer cannot copy keys of another dtype into its slots."""
+
+    def __init__(self, cache: Any, role: Role) -> None:
+        self.cache, self.role = cache, role
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = layer_cache(self.cache, self.role).layers[layer_idx]
+        if layer.keys.dtype != keys.dtype:
+            layer.keys = layer.keys.to(keys.dtype)
+        if layer.values.dtype != values.dtype:
+            layer.values = layer.values.to(values.dtype)
+        result: tuple[torch.Tensor, torch.Tensor] = self.cache.update(
+            keys, values, layer_idx, *args, **kwargs
+        )
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
+
+
+class _GrowsPast:
+    """A real cache layer handed to a site with the prefix already in it: used
+    once the module has stored its own keys after the prefix."""
+
+    def __init__(self, cache: Any, layer: int) -> None:
+        self.cache, self.layer = cache, layer
+        self.before = cache_length(cache, layer)
+
+    @property
+    def used(self) -> bool:
+        return cache_length(self.cache, self.layer) > self.before
 
 
 def _batched(x: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:

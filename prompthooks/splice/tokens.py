@@ -33,8 +33,10 @@ from torch.utils.hooks import RemovableHandle
 
 from ..kernels import splice_tokens
 from ..locators.base import Located
+from ..locators.conventions import read_cache
 from .bank import PromptBank
 from .caches import make_room_everywhere
+from .checks import not_applied
 from .layout import (
     insert,
     insert_per_row,
@@ -140,8 +142,7 @@ class SoftPromptHooks:
         self.bank = bank
         self.strip_outputs = strip_outputs
         self.vocab_size = located.vocab_size
-        forward_params = inspect.signature(located.input_stack.forward).parameters
-        self.stack_takes_positions = "position_ids" in forward_params
+        self.stack_takes_positions = located.call_names(located.input_stack).positions is not None
         self._insertion: Insertion | None = None
         # ``model_pre`` lengthened per-token labels: the head's loss needs the
         # long outputs, so they are stripped after the head, not before it.
@@ -167,10 +168,9 @@ class SoftPromptHooks:
             loc.embedding.register_forward_pre_hook(self.embed_pre),
             loc.embedding.register_forward_hook(self.embed_post),
         ]
+        handles.append(loc.input_stack.register_forward_hook(self.stack_post))
         if loc.model is not loc.input_stack:
             handles.append(loc.model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
-            if self.strip_outputs and not loc.is_encoder_decoder:  # a decoder reads the encoder's
-                handles.append(loc.input_stack.register_forward_hook(self.stack_post))
         for reader in loc.encoder_mask_readers:
             handles.append(
                 reader.register_forward_pre_hook(self.encoder_mask_pre, with_kwargs=True)
@@ -259,7 +259,8 @@ class SoftPromptHooks:
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if labels is None or x is None or labels.ndim != 2 or labels.shape != x.shape[:2]:
             return None  # no labels, or per-sequence labels: nothing to align
-        plan = self._fresh_insertion(kw, cache_length(kw.get("past_key_values")))
+        cache = read_cache(kw, self.located.call_names(module).cache)
+        plan = self._fresh_insertion(kw, cache_length(cache))
         if plan is None:
             return None
         name, at = plan
@@ -303,7 +304,7 @@ class SoftPromptHooks:
         x = ids if ids is not None else embeds
         if x is None:
             return None
-        cache = kw.get("past_key_values")
+        cache = read_cache(kw, self.located.call_names(module).cache)
         past = cache_length(cache)
         if past > 0:
             return self._continue(kw, cache, past, x.shape[1])
@@ -491,9 +492,23 @@ class SoftPromptHooks:
         return (), kw
 
     def stack_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        """Strip the input stack's outputs before the head reads them, unless the
+        """Check that the embedding looked up the ids the stack was given, then
+        strip the input stack's outputs before the head reads them, unless the
         head computes a per-token loss from lengthened labels (``strip_post``
-        strips after it then). ``strip_post`` finds nothing left to strip."""
+        strips after it then) or the stack's outputs are the model's own or an
+        encoder's (a decoder reads them). ``strip_post`` finds nothing left."""
+        if self._ids_hold_virtual:  # set by ``stack_pre``, taken by ``embed_pre``
+            self._ids_hold_virtual = None
+            raise not_applied(
+                self.located,
+                self.located.embedding,
+                "the prompt's virtual ids never reached the token embedding",
+                f"{type(module).__name__} to look its input_ids up in "
+                f"{type(self.located.embedding).__name__}",
+            )
+        loc = self.located
+        if not self.strip_outputs or loc.is_encoder_decoder or loc.model is loc.input_stack:
+            return None
         lengthened, self._labels_lengthened = self._labels_lengthened, False
         if lengthened:
             return None
