@@ -28,7 +28,55 @@ Prompts = PromptLike | Mapping[str, PromptLike]
 ATTRIBUTE = "prompthooks"
 DEFAULT = "default"
 
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Attachment] = weakref.WeakKeyDictionary()
+#: Models with prompts attached. Weak: an attached model the user drops is freed
+#: (its hooks and prompts live on it, and go with it).
+_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _attached_names(model: nn.Module) -> list[str]:
+    prompts = getattr(model, ATTRIBUTE, None)
+    return list(prompts.keys()) if isinstance(prompts, nn.ModuleDict) else []
+
+
+def _refuse_overlaps(model: nn.Module, named: Mapping[str, object]) -> None:
+    """One attachment per model, and none on a model that shares modules or
+    parameters with an attached one: their hooks and frozen flags would collide,
+    and detaching one would undo the other's. Checked before anything changes."""
+    for other in list(_ATTACHED):
+        if other is model:
+            attached = _attached_names(model)
+            clash = sorted(set(named) & set(attached))
+            what = (
+                f"a prompt named {clash[0]!r} is already attached"
+                if clash
+                else f"prompts {attached} are already attached"
+            )
+            raise ValueError(
+                f"{what} to this {type(model).__name__}. Detach the first attachment "
+                "(att.detach()) or attach all prompts in one call: "
+                "ph.attach(model, {'a': spec_a, 'b': spec_b})"
+            )
+        relation = _overlap(model, other)
+        if relation is not None:
+            raise ValueError(
+                f"this {type(model).__name__} {relation} an attached "
+                f"{type(other).__name__} (prompts {_attached_names(other)}). Prompts on "
+                "overlapping models would share hooks and frozen flags, and detaching one "
+                "would undo the other. Detach that attachment first, or attach to one "
+                "model only."
+            )
+
+
+def _overlap(model: nn.Module, attached: nn.Module) -> str | None:
+    """How ``model`` overlaps ``attached``, or ``None``."""
+    if any(m is model for m in attached.modules()):
+        return "is a submodule of"
+    if any(m is attached for m in model.modules()):
+        return "contains"
+    shared = {id(p) for p in attached.parameters()}
+    if any(id(p) in shared for p in model.parameters()):
+        return "shares parameters with"
+    return None
 
 
 def _prefix_hooks(located: Located, bank: PromptBank) -> PrefixHooks | InputPrefixHooks:
@@ -65,19 +113,7 @@ class Attachment:
         named = dict(prompts) if isinstance(prompts, Mapping) else {DEFAULT: prompts}
         if not named:
             raise ValueError("attach needs at least one prompt")
-        existing = _ATTACHED.get(model)
-        if existing is not None:
-            clash = sorted(set(named) & set(existing.names))
-            what = (
-                f"a prompt named {clash[0]!r} is already attached"
-                if clash
-                else f"prompts {existing.names} are already attached"
-            )
-            raise ValueError(
-                f"{what} to this {type(model).__name__}. Detach the first attachment "
-                "(att.detach()) or attach all prompts in one call: "
-                "ph.attach(model, {'a': spec_a, 'b': spec_b})"
-            )
+        _refuse_overlaps(model, named)
         if hasattr(model, ATTRIBUTE):
             raise ValueError(f"the model already has an attribute {ATTRIBUTE!r}; cannot attach")
         # Everything that can fail happens before the model is touched.
@@ -95,15 +131,21 @@ class Attachment:
             prefix_hooks = _prefix_hooks(self.located, self.bank)
             hooks.append(prefix_hooks)
             self.bank.prefix_width = prefix_hooks.width_in
+        # From here on the model changes: a failure at any step undoes every
+        # earlier one and raises the original error.
         self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.add_module(ATTRIBUTE, self.prompts)
-        for hook in hooks:
-            hook.install()
         self._hooks = hooks
-        _ATTACHED[model] = self
         self.attached = True
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.add_module(ATTRIBUTE, self.prompts)
+            for hook in hooks:
+                hook.install()
+        except BaseException:
+            self.detach()
+            raise
+        _ATTACHED.add(model)
 
     @property
     def names(self) -> list[str]:
@@ -163,7 +205,7 @@ class Attachment:
             delattr(self.model, ATTRIBUTE)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._flags.get(name, p.requires_grad))
-        _ATTACHED.pop(self.model, None)
+        _ATTACHED.discard(self.model)
         self.attached = False
 
     def export(self) -> None:

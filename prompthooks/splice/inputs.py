@@ -12,15 +12,21 @@ site (``AttentionSite(num_kv_heads=1, head_dim=width)``).
 One model call goes through:
 
 1. ``model_pre`` (a pre-hook on the user-facing model): forget the last call's
-   prefix and turn PyTorch's MHA fast path off for the call, then back on in
-   ``model_post``. With it on, ``nn.TransformerEncoder`` packs a padded batch
-   into a nested tensor and drops the padding mask before the layers run, which
-   a prefix (an unpadded extra P keys) cannot be put in front of.
+   prefix (and ``model_post`` again after the call).
 2. ``site_pre`` on every attention module: on the first site of the call the
    prefixes run once (for the batch size the site sees); each site gets its
    key and value inputs lengthened by the prefix, and its ``key_padding_mask``
    and ``attn_mask`` gain P leading columns that attend. ``is_causal`` is
    dropped: it promises a square causal mask, which the lengthened mask is not.
+
+PyTorch's fused fast paths stay out of the way per module, never process-wide
+(other models in the process keep them): while attached, every
+``nn.TransformerEncoder`` holding a site has ``use_nested_tensor`` off (with it
+on, eval-mode calls without autograd pack a padded batch into a nested tensor
+and drop the padding mask before the layers run, and a prefix of P unpadded
+keys cannot be put in front of that); a ``TransformerEncoderLayer`` skips its
+fused kernel by itself when a submodule has hooks, and an attention module
+whose key input is not its query input takes the regular path.
 
 Mixed batches (``att.use([...])``) give every row ``width`` slots with its own
 prefix right-aligned in them and the slots in front of it masked, as the cache
@@ -54,24 +60,35 @@ class InputPrefixHooks:
         self.sites = located.sites
         self._rows: PrefixRows | None = None
         self._kv: KeyValues | None = None  # built by the call's first site
-        self._fastpath: list[bool] = []  # saved flags, innermost call last
         self._handles: list[RemovableHandle] = []
+        # Encoders whose nested-tensor path is off while attached, with their own setting.
+        self._nested: list[tuple[nn.TransformerEncoder, bool]] = []
 
     def install(self) -> None:
         model = self.located.model
-        self._handles = [
-            model.register_forward_pre_hook(self.model_pre, with_kwargs=True),
-            model.register_forward_hook(self.model_post, always_call=True),
-        ]
+        # One handle at a time: a registration that fails leaves the earlier
+        # ones in ``_handles``, so ``remove`` undoes a partial install.
+        self._handles.append(model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self.model_post, always_call=True))
         for index in range(len(self.sites)):
             module = self.sites[index].module
             hook = self._site_hook(index)
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        sites = {id(site.module) for site in self.sites}
+        for encoder in model.modules():
+            if isinstance(encoder, nn.TransformerEncoder) and any(
+                id(m) in sites for m in encoder.modules()
+            ):
+                self._nested.append((encoder, encoder.use_nested_tensor))
+                encoder.use_nested_tensor = False
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for encoder, setting in reversed(self._nested):
+            encoder.use_nested_tensor = setting
+        self._nested = []
 
     def width_in(self, cache: object) -> int:
         """No cache ever holds a prefix of these sites."""
@@ -80,13 +97,9 @@ class InputPrefixHooks:
     # -- the model ---------------------------------------------------------------
 
     def model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> None:
-        self._fastpath.append(torch.backends.mha.get_fastpath_enabled())
-        torch.backends.mha.set_fastpath_enabled(False)
         self._rows, self._kv = None, None
 
     def model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._fastpath:
-            torch.backends.mha.set_fastpath_enabled(self._fastpath.pop())
         self._rows, self._kv = None, None
 
     # -- attention -----------------------------------------------------------------

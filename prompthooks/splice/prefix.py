@@ -271,21 +271,22 @@ class PrefixHooks:
 
     def install(self) -> None:
         loc = self.located
-        self._handles = [
-            loc.input_stack.register_forward_pre_hook(self.input_pre, with_kwargs=True),
-            loc.input_stack.register_forward_hook(self.input_post),
-        ]
+        # One handle at a time: a registration that fails leaves the earlier
+        # ones in ``_handles``, so ``remove`` undoes a partial install.
+        stack = loc.input_stack
+        self._handles.append(stack.register_forward_pre_hook(self.input_pre, with_kwargs=True))
+        self._handles.append(stack.register_forward_hook(self.input_post))
         for decoder in loc.encoder_mask_readers:
-            self._handles += [
-                decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True),
-                decoder.register_forward_hook(self.decoder_post),
-            ]
+            self._handles.append(
+                decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True)
+            )
+            self._handles.append(decoder.register_forward_hook(self.decoder_post))
         # Every attention site gets its hook now, not when first needed: installing
         # hooks inside a forward call would break a ``torch.compile`` graph. A hook
         # with nothing to do (cache mode, decode steps) returns at once.
         for index, site in enumerate(self.sites):
             if site.prefix_in == "projections":
-                self._handles += self._projection_hooks(index, site)
+                self._projection_hooks(index, site)
                 continue
             hook = self._attention_hook(index, site)
             self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -577,7 +578,7 @@ class PrefixHooks:
 
     # -- attention that takes no cache: through the key/value projections -------
 
-    def _projection_hooks(self, index: int, site: AttentionSite) -> list[RemovableHandle]:
+    def _projection_hooks(self, index: int, site: AttentionSite) -> None:
         """Hooks for a site with ``prefix_in="projections"`` (DistilBERT).
 
         The module's ``hidden_states`` get W leading zero rows; the forward
@@ -669,13 +670,12 @@ class PrefixHooks:
                 return (output[0][:, width:], weights, *output[2:])
             return output[:, width:]
 
-        return [
-            site.module.register_forward_pre_hook(attention_pre, with_kwargs=True),
-            key_proj.register_forward_hook(projected(0)),
-            value_proj.register_forward_hook(projected(1)),
-            # before transformers' own output recorders (``output_attentions``)
-            site.module.register_forward_hook(attention_post, prepend=True),
-        ]
+        handles = self._handles
+        handles.append(site.module.register_forward_pre_hook(attention_pre, with_kwargs=True))
+        handles.append(key_proj.register_forward_hook(projected(0)))
+        handles.append(value_proj.register_forward_hook(projected(1)))
+        # before transformers' own output recorders (``output_attentions``)
+        handles.append(site.module.register_forward_hook(attention_post, prepend=True))
 
     def _proxy_kv(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Site ``index``'s prefix keys and values for a proxy-mode module call

@@ -163,11 +163,12 @@ class SoftPromptHooks:
 
     def install(self) -> None:
         loc = self.located
-        handles = [
-            loc.input_stack.register_forward_pre_hook(self.stack_pre, with_kwargs=True),
-            loc.embedding.register_forward_pre_hook(self.embed_pre),
-            loc.embedding.register_forward_hook(self.embed_post),
-        ]
+        # One handle at a time: a registration that fails leaves the earlier
+        # ones in ``_handles``, so ``remove`` undoes a partial install.
+        handles = self._handles
+        handles.append(loc.input_stack.register_forward_pre_hook(self.stack_pre, with_kwargs=True))
+        handles.append(loc.embedding.register_forward_pre_hook(self.embed_pre))
+        handles.append(loc.embedding.register_forward_hook(self.embed_post))
         handles.append(loc.input_stack.register_forward_hook(self.stack_post))
         if loc.model is not loc.input_stack:
             handles.append(loc.model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
@@ -177,7 +178,6 @@ class SoftPromptHooks:
             )
         if self.strip_outputs:
             handles.append(loc.model.register_forward_hook(self.strip_post))
-        self._handles = handles
 
     # -- deciding what a call needs ------------------------------------------------
 
