@@ -71,14 +71,15 @@ def _cache() -> Path:
 
 def _environment(name: str, recipe: list[Path], layered: bool, install: list[str]) -> Path:
     """The python of a venv under the cache that ``pip install <install>`` made,
-    made anew when the files in ``recipe`` (or this environment) changed.
+    made anew when the files in ``recipe``, this environment or this checkout changed.
 
     ``layered``: the venv also sees this environment's packages, after its own
     (a ``.pth`` file that adds this environment's site-packages; unlike
     ``--system-site-packages`` it works when this environment is a venv too).
     """
     parents = [p for p in site.getsitepackages() if Path(p).is_dir()] if layered else []
-    digest = hashlib.sha256(sys.version.encode() + sys.prefix.encode())
+    # An editable install points at this checkout: another checkout gets its own.
+    digest = hashlib.sha256(f"{sys.version}\n{sys.prefix}\n{ROOT}".encode())
     for path in recipe:
         digest.update(path.read_bytes())
     folder = _cache() / name
