@@ -259,3 +259,33 @@ def test_virtual_ids_that_never_reach_the_embedding_stop_the_call() -> None:
         model.model.embed_tokens = original
     model(input_ids=ids, attention_mask=mask)  # the located embedding serves again
     att.detach()
+
+
+def test_layers_skipped_by_layerdrop_are_not_missing_a_prefix() -> None:
+    """BART's LayerDrop skips whole layers while training: their attention never
+    runs, so there is no output computed without the prefix, and no error."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        encoder_layers=4,
+        decoder_layers=4,
+        d_model=32,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        vocab_size=61,
+        max_position_embeddings=64,
+        encoder_layerdrop=0.5,
+        decoder_layerdrop=0.5,
+    )
+    model = transformers.BartForConditionalGeneration(config).train()
+    ids, mask = batch("t5", [5, 3])
+    labels = ids[:, :4].contiguous()
+    reached: list[int] = []
+    with ph.attach(model, ph.PrefixTuning(2)):
+        for module in model.modules():
+            if type(module).__name__ == "BartAttention":
+                module.register_forward_pre_hook(lambda *_: reached.append(1))
+        for _ in range(6):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert 0 < len(reached) < 6 * 12  # some layers were skipped, some ran

@@ -356,10 +356,16 @@ class PrefixHooks:
                 )
         if not (roles & self._proxy):
             return
+        # LayerDrop (BART, OPT, ...) skips whole layers while training: their sites
+        # are never called, and there is no attention for a prefix to be missing from.
+        layerdrop = getattr(stack, "layerdrop", 0.0)
+        skips_layers = stack.training and isinstance(layerdrop, float) and layerdrop > 0
         for index, site in enumerate(self.sites):
             if site.role not in roles or site.prefix_in != "cache":
                 continue
             handed = self._handed.pop(index, None)
+            if handed is None and skips_layers:
+                continue
             if handed is None:
                 raise not_applied(
                     self.located,
