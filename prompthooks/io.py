@@ -11,13 +11,12 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from .locators.base import Located
 from .methods.base import SoftPrompt
@@ -51,19 +50,23 @@ def _digest(config: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """Run ``write(temporary_path)``, flush it to disk, then rename it over
-    ``path`` in one step. If anything fails or the process dies first,
-    ``path`` keeps its previous content (a stray ``.{name}.*.tmp`` may remain
-    after a hard kill; it is never read)."""
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, flush it to disk,
+    then rename it over ``path`` in one step. If anything fails or the process
+    dies first, ``path`` keeps its previous content (a stray ``.{name}.*.tmp``
+    may remain after a hard kill; it is never read).
+
+    The bytes are written here, not by a library's own file writer: safetensors
+    0.8 writes through a temporary file of its own (``.tmpXXXXXX``), which a
+    kill would leave behind under a name nobody cleans up."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, _mode_for(path))  # mkstemp makes it private (0600)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes it private (0600)
         os.replace(tmp, path)
         _fsync_directory(path.parent)  # make the rename itself durable
     finally:
@@ -109,7 +112,7 @@ def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | No
         meta["model"] = located.fingerprint()
     config = json.dumps(meta, sort_keys=True)
     metadata = {"format": FORMAT, "config": config, "sha256": _digest(config, tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, save_bytes(tensors, metadata=metadata))
 
 
 def _is_dtensor(value: torch.Tensor) -> bool:
@@ -367,6 +370,6 @@ def save_peft(
     directory.mkdir(parents=True, exist_ok=True)
     # Each file is replaced atomically, weights first: a crash leaves whole files.
     weights = {"prompt_embeddings": table.detach().float().contiguous().cpu()}
-    atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(weights, tmp))
+    atomic_write(directory / "adapter_model.safetensors", save_bytes(weights))
     text = json.dumps(config, indent=2) + "\n"
-    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / "adapter_config.json", text.encode("utf-8"))

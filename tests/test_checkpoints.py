@@ -91,11 +91,25 @@ def test_exception_while_writing_keeps_the_old_file(
     path = saved(tmp_path)
     before_bytes = path.read_bytes()
 
-    def half_write(tensors: dict[str, torch.Tensor], file: str, metadata: Any = None) -> None:
-        Path(file).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a torn header
-        raise MemoryError("simulated failure half-way through")
+    real_fdopen = io.os.fdopen
 
-    monkeypatch.setattr(io, "save_file", half_write)
+    class TornFile:
+        """Writes the first half of what it is given, then fails."""
+
+        def __init__(self, fd: int, mode: str) -> None:
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self) -> TornFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, data: bytes) -> None:
+            self.file.write(data[: len(data) // 2])
+            raise MemoryError("simulated failure half-way through")
+
+    monkeypatch.setattr(io.os, "fdopen", TornFile)
     with pytest.raises(MemoryError):
         ph.attach(tiny("gpt2"), ph.PromptTuning(2)).save(path)
     assert path.read_bytes() == before_bytes
