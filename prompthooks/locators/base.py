@@ -151,12 +151,12 @@ class Located:
     position_tables: tuple[PositionTable, ...] = ()
     #: How the model, the input stack and each encoder-mask reader take their
     #: cache, mask and positions, read from their signatures (``CallNames``).
-    calls: tuple[tuple[nn.Module, CallNames], ...] = field(default=(), compare=False)
+    calls: tuple[tuple[nn.Module, CallNames], ...] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.calls:  # read once, at locate time
-            modules = dict.fromkeys([self.model, self.input_stack, *self.encoder_mask_readers])
-            object.__setattr__(self, "calls", tuple((m, CallNames.of(m)) for m in modules))
+        # Read once, at locate time (and again by ``dataclasses.replace``).
+        modules = dict.fromkeys([self.model, self.input_stack, *self.encoder_mask_readers])
+        object.__setattr__(self, "calls", tuple((m, CallNames.of(m)) for m in modules))
 
     def call_names(self, module: nn.Module) -> CallNames:
         """The argument names ``module`` (the model, its input stack or an
