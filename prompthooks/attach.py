@@ -285,7 +285,14 @@ def tune(
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            target = signature.bind(*args, **kwargs).arguments[model]
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()  # a model given as the parameter's default
+            target = bound.arguments[model]
+            if not isinstance(target, nn.Module):
+                raise TypeError(
+                    f"@ph.tune attaches to {fn.__name__}'s argument {model!r}, which is "
+                    f"{type(target).__name__}, not a torch.nn.Module: pass the model"
+                )
             with attach(target, prompts, strip=strip) as att:
                 result = fn(*args, **kwargs)
                 if save_to is not None:

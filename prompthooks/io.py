@@ -58,10 +58,16 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
     The bytes are written here, not by a library's own file writer: safetensors
     0.8 writes through a temporary file of its own (``.tmpXXXXXX``), which a
-    kill would leave behind under a name nobody cleans up."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    kill would leave behind under a name nobody cleans up.
+
+    A symbolic link is written through: its target gets the new content and
+    the link stays (as ``torch.save`` does). An ``OSError`` names ``path``, the
+    file the caller asked for, never the temporary file."""
+    given = Path(path)
+    path = Path(os.path.realpath(given))  # a link's target (the path itself otherwise)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -69,8 +75,13 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.chmod(tmp, _mode_for(path))  # mkstemp makes it private (0600)
         os.replace(tmp, path)
         _fsync_directory(path.parent)  # make the rename itself durable
+    except OSError as error:
+        message = f"cannot save {given}: {error.strerror or error}"
+        if error.errno is None:
+            raise type(error)(message) from error
+        raise type(error)(error.errno, message) from error
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

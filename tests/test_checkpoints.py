@@ -153,6 +153,31 @@ def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) ->
     assert all(n.startswith(".prompt.safetensors.") for n in names), names  # never read
 
 
+def test_saving_through_a_symlink_writes_its_target(tmp_path: Path) -> None:
+    """As ``torch.save`` does: the link stays a link, its target gets the file."""
+    target = saved(tmp_path)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target.name)
+    model = tiny("llama")
+    with ph.attach(model, ph.PromptTuning(5)) as att:
+        att.save(link)
+    assert link.is_symlink() and os.readlink(link) == target.name
+    assert ph.load(target)["default"].num_virtual_tokens == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, link.name])
+
+
+def test_a_save_error_names_the_users_path_not_the_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "prompt.safetensors"
+    path.mkdir()  # a folder where the file should go: the rename over it fails
+    model = tiny("llama")
+    with ph.attach(model, ph.PromptTuning(2)) as att, pytest.raises(OSError) as info:
+        att.save(path)
+    message = str(info.value)
+    assert f"cannot save {path}" in message and "directory" in message
+    assert ".tmp" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no stray temporary
+
+
 # -- bad files --------------------------------------------------------------------
 
 

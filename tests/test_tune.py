@@ -57,6 +57,31 @@ def test_tune_needs_the_named_parameter() -> None:
         ph.tune(ph.PromptTuning(2), model="net")(lambda model: None)
 
 
+def test_tune_reads_a_model_given_as_the_default() -> None:
+    """The decorated function's model parameter has a default and the caller
+    leaves it out: the default is the model prompts attach to (it raised KeyError)."""
+    default = tiny("gpt2")
+    ids, mask = batch("gpt2", [4, 3])
+    seen: list[int] = []
+
+    @ph.tune(ph.PromptTuning(2))
+    def evaluate(ids: torch.Tensor, model: torch.nn.Module = default) -> torch.Tensor:
+        seen.append(sum(1 for n, _ in model.named_parameters() if n.startswith("prompthooks")))
+        out: torch.Tensor = model(input_ids=ids, attention_mask=mask).logits
+        return out
+
+    before = snapshot(default)
+    assert evaluate(ids).shape == (2, 4, VOCAB)
+    assert seen == [1]  # attached for the call ...
+    assert same_snapshot(before, snapshot(default))  # ... and detached after it
+
+    @ph.tune(ph.PromptTuning(2))
+    def no_model(model: torch.nn.Module | None = None) -> None: ...
+
+    with pytest.raises(TypeError, match="argument 'model', which is NoneType"):
+        no_model()
+
+
 def test_text_init_uses_the_texts_embeddings_repeated_to_length() -> None:
     model = tiny("llama")
     tok = word_tokenizer()
