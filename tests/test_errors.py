@@ -215,3 +215,18 @@ def test_peft_prefix_for_a_seq2seq_model_is_explained(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="decoder self-attention"):
         ph.load_peft(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_a_prompt_longer_than_the_position_table_is_refused_at_attach(arch: str) -> None:
+    """Refused at attach, where the limit is known, not at the first forward."""
+    model = tiny(arch)
+    limit = ph.locate(model).max_positions
+    assert limit is not None
+    before = snapshot(model)
+    for spec in (ph.PromptTuning(limit), ph.PrefixTuning(limit)):
+        with pytest.raises(ValueError, match=f"takes {limit} positions.*at most {limit}"):
+            ph.attach(model, spec)
+        assert same_snapshot(before, snapshot(model))
+    ph.attach(model, ph.PromptTuning(limit - 1)).detach()  # one real token still fits
+    ph.attach(model, ph.PrefixTuning(limit, shift_positions=False)).detach()  # takes none

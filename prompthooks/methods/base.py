@@ -66,6 +66,7 @@ class SoftPrompt(nn.Module):
     def check_fits(self, located: Located) -> None:
         """Raise a clear error if this prompt was made for another model."""
         check_trained_for(self, located)
+        check_positions(self, located)
         if self.hidden_size != located.hidden_size:
             raise ValueError(
                 f"this prompt was made for a model with hidden size {self.hidden_size}, "
@@ -74,6 +75,22 @@ class SoftPrompt(nn.Module):
                 f"({self.num_virtual_tokens}, {self.hidden_size}) vs expected "
                 f"({self.num_virtual_tokens}, {located.hidden_size})"
             )
+
+
+def check_positions(prompt: SoftPrompt, located: Located) -> None:
+    """Refuse, at attach, a prompt that leaves no position for a real token: a
+    soft prompt's virtual tokens, and a prefix's shift, take positions before it."""
+    taken = prompt.num_virtual_tokens
+    if prompt.kind == "prefix" and not getattr(prompt, "shift_positions", True):
+        taken = 0
+    limit = located.max_positions
+    if limit is not None and taken >= limit:
+        raise ValueError(
+            f"this prompt takes {taken} positions, but {type(located.model).__name__} "
+            f"embeds at most {limit}, which leaves no room for the input: use fewer "
+            "virtual tokens"
+            + (" or PrefixTuning(shift_positions=False)" if prompt.kind == "prefix" else "")
+        )
 
 
 @runtime_checkable

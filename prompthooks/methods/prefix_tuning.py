@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..locators.base import Located
-from .base import SoftPrompt, check_num_virtual_tokens, check_trained_for
+from .base import SoftPrompt, check_num_virtual_tokens, check_positions, check_trained_for
 
 #: Shape of one attention site's keys for one token: (KV heads, head size).
 SiteShape = tuple[int, int]
@@ -157,6 +157,7 @@ class Prefix(SoftPrompt):
 
     def check_fits(self, located: Located) -> None:
         check_trained_for(self, located)
+        check_positions(self, located)
         expected = site_shapes(located)
         if expected != self.shapes:
             raise ValueError(
