@@ -139,6 +139,9 @@ class Attachment:
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
+            # The prompts follow the model's mode from here on (train()/eval() reach
+            # registered children); new and loaded prompts start in the model's.
+            self.prompts.train(model.training)
             model.add_module(ATTRIBUTE, self.prompts)
             for hook in hooks:
                 hook.install()

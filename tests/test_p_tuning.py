@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import VOCAB, tiny
+from models import VOCAB, batch, tiny
 from peft import PromptEncoderConfig, get_peft_model
 
 import prompthooks as ph
@@ -182,3 +182,24 @@ def test_template_rows_padded_equal_rows_alone(arch: str) -> None:
                 torch.testing.assert_close(
                     together[row, batch.target[row]], single[0, alone.target[0]], atol=1e-5, rtol=0
                 )
+
+
+def test_the_encoder_follows_the_models_train_and_eval_mode() -> None:
+    """An LSTM encoder with dropout attached to a model in eval mode runs without
+    dropout (two identical calls agree); ``model.train()`` / ``model.eval()``
+    reach it afterwards."""
+    model = tiny("gpt2")  # eval mode
+    ids, mask = batch("gpt2", [5, 3])
+    spec = ph.PTuning(4, encoder="lstm", num_layers=2, dropout=0.5)
+    with ph.attach(model, spec) as att, torch.no_grad():
+        prompt = att.prompts["default"]
+        assert not any(m.training for m in prompt.modules())
+        first = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(first, model(input_ids=ids, attention_mask=mask).logits)
+        model.train()
+        assert all(m.training for m in prompt.modules())
+        torch.manual_seed(0)
+        dropped = model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.equal(dropped, first)  # dropout between the LSTM layers is on
+        model.eval()
+        assert torch.equal(first, model(input_ids=ids, attention_mask=mask).logits)
