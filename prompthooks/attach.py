@@ -234,11 +234,14 @@ class Attachment:
         name = self.bank.active()
         save_peft(self.bank.prompts[name], directory, self.located, task_type=task_type)
 
-    def save(self, path: str | Path) -> None:
-        """Write the prompts to one safetensors file (see ``ph.load``)."""
+    def save(self, path: str | Path, *, allow_non_finite: bool = False) -> None:
+        """Write the prompts to one safetensors file (see ``ph.load``). Prompts
+        holding NaN or inf are refused (the file is left as it was) unless
+        ``allow_non_finite`` is set."""
         from .io import save
 
-        save(dict(self.prompts.items()), path, self.located)  # type: ignore[arg-type]
+        prompts = dict(self.prompts.items())
+        save(prompts, path, self.located, allow_non_finite=allow_non_finite)  # type: ignore[arg-type]
 
     def __enter__(self) -> Attachment:
         return self

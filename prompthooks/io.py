@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from .locators.base import Located
@@ -107,9 +108,19 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | None = None) -> None:
+def save(
+    prompts: dict[str, SoftPrompt],
+    path: str | Path,
+    located: Located | None = None,
+    *,
+    allow_non_finite: bool = False,
+) -> None:
     """Write prompts, their config, a checksum and a record of the model to one
     safetensors file, atomically: a crash mid-save leaves the old file intact.
+
+    A prompt holding NaN or inf (a diverged run) is not written, so it never
+    replaces a good file, unless ``allow_non_finite`` says to (``ph.load``
+    refuses such a file all the same).
 
     Prompts sharded by FSDP (``fully_shard``) are gathered first, which is a
     collective: call ``att.save`` on every rank; rank 0 writes the file."""
@@ -118,6 +129,13 @@ def save(prompts: dict[str, SoftPrompt], path: str | Path, located: Located | No
     tensors = {key: _full(value).detach().contiguous().cpu() for key, value in states.items()}
     if sharded and torch.distributed.get_rank() != 0:
         return
+    diverged = _non_finite(tensors)
+    if diverged and not allow_non_finite:
+        raise CheckpointError(
+            f"not saved: the prompts hold NaN or inf values ({', '.join(diverged)}), so "
+            f"{path} was left as it was. Training diverged (lower the learning rate, or "
+            "use gradient clipping); att.save(path, allow_non_finite=True) writes them anyway."
+        )
     meta: dict[str, Any] = {"prompts": {n: p.config() for n, p in prompts.items()}}
     if located is not None:
         meta["model"] = located.fingerprint()
@@ -152,10 +170,12 @@ def load(path: str | Path) -> dict[str, SoftPrompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompt file at {path}")
+    # Read once, then parse the bytes: a save that replaces the file meanwhile
+    # cannot mix two versions into one load.
+    data = path.read_bytes()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = _metadata(data)
+        tensors = load_bytes(data)
     except Exception as e:  # safetensors reports every bad header its own way
         raise CheckpointError(
             f"{path} cannot be read as a safetensors file: it is truncated, corrupted or "
@@ -170,6 +190,12 @@ def load(path: str | Path) -> dict[str, SoftPrompt]:
         raise CheckpointError(
             f"{path} is corrupted: its checksum does not match its contents "
             "(changed after it was written). Use an earlier copy."
+        )
+    diverged = _non_finite(tensors)
+    if diverged:
+        raise CheckpointError(
+            f"{path} holds NaN or inf values ({', '.join(diverged)}): it was saved from a "
+            "diverged run. Use an earlier file."
         )
     try:
         meta = json.loads(config)
@@ -187,6 +213,28 @@ def load(path: str | Path) -> dict[str, SoftPrompt]:
     for prompt in prompts.values():
         prompt.trained_for = meta.get("model")
     return prompts
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian
+    length, then JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or length > len(data) - 8:
+        raise ValueError("the header is longer than the file")
+    header = json.loads(data[8 : 8 + length])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    found = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in dict(found).items()}
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors that hold NaN or inf."""
+    return [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def _rebuild(path: Path, name: str, config: Any, tensors: dict[str, torch.Tensor]) -> SoftPrompt:

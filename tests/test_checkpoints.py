@@ -153,6 +153,55 @@ def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) ->
     assert all(n.startswith(".prompt.safetensors.") for n in names), names  # never read
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_prompt_never_replaces_a_good_file(tmp_path: Path, bad: float) -> None:
+    """A diverged prompt is refused by ``att.save`` (the good file stays, bit for
+    bit), written only when asked, and refused by ``ph.load`` all the same."""
+    path = tmp_path / "prompt.safetensors"
+    model = tiny("llama")
+    before = snapshot(model)
+    with ph.attach(model, ph.PrefixTuning(3)) as att:
+        att.save(path)
+        good = path.read_bytes()
+        with torch.no_grad():
+            next(att.parameters())[0, 0] = bad
+        with pytest.raises(ph.CheckpointError, match="NaN or inf.*left as it was"):
+            att.save(path)
+        assert path.read_bytes() == good
+        assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no stray file
+        att.save(path, allow_non_finite=True)
+    assert same_snapshot(before, snapshot(model))
+    with pytest.raises(ph.CheckpointError, match="NaN or inf.*diverged"):
+        ph.load(path)
+
+
+def test_loads_racing_saves_read_one_whole_version(tmp_path: Path) -> None:
+    """Two processes save to one path in a loop while this one loads it: every
+    load reads one consistent version (the file is read once), never a
+    spurious checksum error."""
+    path = tmp_path / "prompt.safetensors"
+    io.save({"default": PromptTable(torch.zeros(256, 2048))}, path)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    loads = 0
+    try:
+        for writer in writers:
+            assert writer.stdout is not None
+            writer.stdout.readline()  # both are saving
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            table = ph.load(path)["default"].table()
+            assert torch.equal(table, torch.full_like(table, float(table[0, 0])))
+            loads += 1
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+    assert loads > 50
+
+
 def test_saving_through_a_symlink_writes_its_target(tmp_path: Path) -> None:
     """As ``torch.save`` does: the link stays a link, its target gets the file."""
     target = saved(tmp_path)
