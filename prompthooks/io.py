@@ -186,7 +186,10 @@ def load(path: str | Path) -> dict[str, SoftPrompt]:
         hint = " A PEFT adapter directory loads with ph.load_peft(directory)." if not found else ""
         raise CheckpointError(f"{path} is not a prompthooks file (format {found!r}).{hint}")
     config = metadata.get("config", "")
-    if found == FORMAT and metadata.get("sha256") != _digest(config, tensors):
+    # Format 2 always has a checksum; wherever one exists it is checked, whatever
+    # the format says (a file relabelled as format 1 does not skip it).
+    checked = found == FORMAT or "sha256" in metadata
+    if checked and metadata.get("sha256") != _digest(config, tensors):
         raise CheckpointError(
             f"{path} is corrupted: its checksum does not match its contents "
             "(changed after it was written). Use an earlier copy."

@@ -372,6 +372,28 @@ def test_edited_file_without_a_new_checksum_is_corrupted(tmp_path: Path) -> None
         ph.load(path)
 
 
+@pytest.mark.parametrize("relabel", ["prompthooks/1", None])
+def test_a_file_relabelled_as_the_first_format_keeps_its_checksum(
+    tmp_path: Path, relabel: str | None
+) -> None:
+    """Old files may load without a checksum, but a file that has one is checked
+    whatever its format says; a format-2 file without one is refused."""
+    path = saved(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        found = {k: f.get_tensor(k) for k in f.keys()}
+    found["a.weight"] = found["a.weight"] + 1
+    if relabel is None:  # format 2 with its checksum removed
+        del metadata["sha256"]
+    else:
+        metadata["format"] = relabel
+    save_file(found, str(path), metadata=metadata)
+    with pytest.raises(ph.CheckpointError, match="checksum"):
+        ph.load(path)
+
+
 def llama(**changes: int) -> torch.nn.Module:
     settings_ = dict(
         num_hidden_layers=2,
