@@ -250,8 +250,10 @@ def _rebuild(path: Path, name: str, config: Any, tensors: dict[str, torch.Tensor
         )
     try:
         prompt = _METHODS[method].from_config(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: prompt {name!r} has a bad {method} config: {e!r}") from e
+    except KeyError as e:
+        raise CheckpointError(f"{path}: prompt {name!r} lacks the field {e}") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: prompt {name!r} has a bad {method} config: {e}") from e
     own = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
     expected = prompt.state_dict()
     problems = [f"missing {k}" for k in expected if k not in own]

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +318,7 @@ def rewrite(path: Path, edit: Any) -> None:
         (lambda m, t: t.update({"c.weight": torch.zeros(1)}), r"no listed prompt: \['c\.weight'\]"),
         (lambda m, t: t.update({"a.bias": torch.zeros(1)}), "unexpected bias"),
         (lambda m, t: m["prompts"]["a"].update(method="lora"), "unknown method 'lora'"),
-        (lambda m, t: m["prompts"]["b"].pop("site_shapes"), "bad prefix_tuning config"),
+        (lambda m, t: m["prompts"]["b"].pop("site_shapes"), "lacks the field .site_shapes."),
         (lambda m, t: m["prompts"]["a"].update(num_virtual_tokens=4), "config says"),
         (lambda m, t: t.update({"a.weight": torch.zeros(3, 32, dtype=torch.int64)}), "int64"),
         (lambda m, t: m.update(prompts={}), "no prompts"),
@@ -391,6 +392,98 @@ def test_a_file_relabelled_as_the_first_format_keeps_its_checksum(
         metadata["format"] = relabel
     save_file(found, str(path), metadata=metadata)
     with pytest.raises(ph.CheckpointError, match="checksum"):
+        ph.load(path)
+
+
+def _edited(tmp_path: Path, spec: Any, prompt: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A saved file whose config was edited by hand, its checksum recomputed to match."""
+    path = saved(tmp_path, spec)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        found = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(metadata["config"])
+    edit(meta["prompts"][prompt])
+    metadata["config"] = json.dumps(meta, sort_keys=True)
+    metadata["sha256"] = io._digest(metadata["config"], found)
+    save_file(found, str(path), metadata=metadata)
+    return path
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        config[key] = value
+
+    return edit
+
+
+def _set_in(outer: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        config[outer][key] = value
+
+    return edit
+
+
+HAND_EDITS: list[tuple[str, Callable[[], Any], Callable[[dict[str, Any]], None], str]] = [
+    (
+        "prompt-zero",
+        lambda: ph.PromptTuning(3),
+        _set("num_virtual_tokens", 0),
+        "num_virtual_tokens",
+    ),
+    (
+        "prompt-neg",
+        lambda: ph.PromptTuning(3),
+        _set("num_virtual_tokens", -2),
+        "num_virtual_tokens",
+    ),
+    (
+        "prompt-str",
+        lambda: ph.PromptTuning(3),
+        _set("num_virtual_tokens", "3"),
+        "num_virtual_tokens",
+    ),
+    ("prompt-bool", lambda: ph.PromptTuning(3), _set("hidden_size", True), "hidden_size"),
+    ("prompt-size", lambda: ph.PromptTuning(3), _set("num_virtual_tokens", 4), "shape"),
+    ("prompt-missing", lambda: ph.PromptTuning(3), lambda c: c.pop("hidden_size"), "hidden_size"),
+    (
+        "prefix-shift",
+        lambda: ph.PrefixTuning(2),
+        _set("shift_positions", "false"),
+        "shift_positions",
+    ),
+    ("prefix-sites", lambda: ph.PrefixTuning(2), _set("site_shapes", [[2, 0]]), "head_dim"),
+    ("prefix-sites-shape", lambda: ph.PrefixTuning(2), _set("site_shapes", [3]), "site_shapes"),
+    (
+        "prefix-mlp",
+        lambda: ph.PrefixTuning(2),
+        _set_in("projection", "hidden_size", 0),
+        "hidden_size",
+    ),
+    (
+        "prefix-mlp-size",
+        lambda: ph.PrefixTuning(2),
+        _set_in("projection", "hidden_size", 7),
+        "shape",
+    ),
+    ("ptuning-dropout", lambda: ph.PTuning(2), _set("dropout", 1.0), "dropout"),
+    ("ptuning-dropout-neg", lambda: ph.PTuning(2), _set("dropout", -0.1), "dropout"),
+    ("ptuning-encoder", lambda: ph.PTuning(2), _set("encoder", "gru"), "encoder"),
+    ("ptuning-layers", lambda: ph.PTuning(2), _set("num_layers", "2"), "num_layers"),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "edit", "field"), [h[1:] for h in HAND_EDITS], ids=[h[0] for h in HAND_EDITS]
+)
+def test_hand_edited_configs_are_refused_naming_the_field(
+    tmp_path: Path, spec: Callable[[], Any], edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    """The checksum matches (recomputed after the edit), so only the loader's own
+    checks stand between the file and a later RuntimeError in the forward."""
+    path = _edited(tmp_path, spec(), "default", edit)
+    with pytest.raises(ph.CheckpointError, match=field):
         ph.load(path)
 
 

@@ -100,6 +100,40 @@ class PromptSpec(Protocol):
     def build(self, located: Located) -> SoftPrompt: ...
 
 
+# -- reading a saved config: every field checked, named when wrong ----------------
+
+
+def config_int(config: dict[str, Any], key: str, minimum: int = 1) -> int:
+    """An integer field of a saved config (not a bool, not a string)."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def config_bool(config: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false field of a saved config (a string such as "false" is refused)."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"field {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def config_fraction(config: dict[str, Any], key: str) -> float:
+    """A probability field of a saved config, in [0, 1)."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"field {key!r} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def config_choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = config[key]
+    if value not in choices:
+        raise ValueError(f"field {key!r} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
 def check_num_virtual_tokens(n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_virtual_tokens must be an integer >= 1, got {n!r}")

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from ..locators.base import Located
-from .base import SoftPrompt, check_num_virtual_tokens
+from .base import (
+    SoftPrompt,
+    check_num_virtual_tokens,
+    config_choice,
+    config_fraction,
+    config_int,
+)
 from .prompt_tuning import PromptTable
 
 Encoder = Literal["lstm", "mlp"]
@@ -99,18 +105,19 @@ class PTuningPrompt(SoftPrompt):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> PTuningPrompt:
         """An untrained encoder of the saved shape (``ph.load`` fills its weights)."""
-        settings = {
-            k: config[k] for k in ("encoder", "encoder_hidden_size", "num_layers", "dropout")
+        settings: dict[str, Any] = {
+            "encoder": config_choice(config, "encoder", ("lstm", "mlp")),
+            "encoder_hidden_size": config_int(config, "encoder_hidden_size"),
+            "num_layers": config_int(config, "num_layers"),
+            "dropout": config_fraction(config, "dropout"),
         }
-        if settings["encoder"] not in ("lstm", "mlp"):
-            raise ValueError(f"unknown P-tuning encoder {settings['encoder']!r}")
         encoder = PromptEncoder(
-            int(config["num_virtual_tokens"]),
-            int(config["hidden_size"]),
-            int(settings["encoder_hidden_size"]),
+            config_int(config, "num_virtual_tokens"),
+            config_int(config, "hidden_size"),
+            settings["encoder_hidden_size"],
             settings["encoder"],
-            int(settings["num_layers"]),
-            float(settings["dropout"]),
+            settings["num_layers"],
+            settings["dropout"],
         )
         return cls(encoder, settings)
 

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from ..locators.base import Located
-from .base import SoftPrompt, check_num_virtual_tokens, check_positions, check_trained_for
+from .base import (
+    SoftPrompt,
+    check_num_virtual_tokens,
+    check_positions,
+    check_trained_for,
+    config_bool,
+    config_int,
+)
 
 #: Shape of one attention site's keys for one token: (KV heads, head size).
 SiteShape = tuple[int, int]
@@ -143,15 +150,27 @@ class Prefix(SoftPrompt):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Prefix:
         """An untrained prefix of the saved shape (``ph.load`` fills its weights)."""
-        shapes = [(int(h), int(d)) for h, d in config["site_shapes"]]
-        shift = bool(config.get("shift_positions", True))
-        count = int(config["num_virtual_tokens"])
+        sites = config["site_shapes"]
+        if not isinstance(sites, list) or not sites:
+            raise ValueError(
+                f"field 'site_shapes' must be a list of [kv_heads, head_dim], got {sites!r}"
+            )
+        shapes = []
+        for site in sites:
+            if not isinstance(site, list) or len(site) != 2:
+                raise ValueError(f"field 'site_shapes' holds {site!r}, not [kv_heads, head_dim]")
+            pair = dict(zip(("kv_heads", "head_dim"), site, strict=True))
+            shapes.append((config_int(pair, "kv_heads"), config_int(pair, "head_dim")))
+        shift = config_bool(config, "shift_positions", True)
+        count = config_int(config, "num_virtual_tokens")
         width = sum(2 * h * d for h, d in shapes)
         if "projection" not in config:
             return cls(shapes, table=torch.zeros(count, width), shift_positions=shift)
         proj = config["projection"]
+        if not isinstance(proj, dict):
+            raise ValueError(f"field 'projection' must be an object, got {proj!r}")
         projection = PrefixProjection(
-            count, int(proj["embed_dim"]), int(proj["hidden_size"]), width
+            count, config_int(proj, "embed_dim"), config_int(proj, "hidden_size"), width
         )
         return cls(shapes, projection=projection, shift_positions=shift)
 

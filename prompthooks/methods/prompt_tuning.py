@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..locators.base import Located
-from .base import SoftPrompt, check_num_virtual_tokens
+from .base import SoftPrompt, check_num_virtual_tokens, config_int
 
 Init = Literal["random", "text", "vocab"]
 
@@ -46,7 +46,7 @@ class PromptTable(SoftPrompt):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> PromptTable:
-        n, hidden = int(config["num_virtual_tokens"]), int(config["hidden_size"])
+        n, hidden = config_int(config, "num_virtual_tokens"), config_int(config, "hidden_size")
         return cls(torch.zeros(n, hidden))
 
 
