@@ -57,6 +57,23 @@ def test_triton_splice_equals_reference_forward_and_backward(case: dict) -> None
     torch.testing.assert_close(gt_tri, gt_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_id_past_the_table_is_refused_on_both_paths(backend: str) -> None:
+    """The reference path raises on an id past the prompt table; the kernel,
+    which would read out of bounds there, asserts it on the device."""
+    embeds, table = torch.randn(2, 4, 8), torch.randn(3, 8)
+    ids = torch.tensor([[1, 2, VOCAB, VOCAB + 2], [1, VOCAB + 1, VOCAB + 3, 2]])  # 3 rows: 0..2
+    with pytest.raises((IndexError, RuntimeError)) as info:
+        splice_tokens(embeds, ids, table, VOCAB, backend=backend)
+    if backend == "triton":
+        assert f"id is >= {VOCAB + 3}" in str(info.value)
+    ids[1, 2] = VOCAB + 2  # in range: both paths agree
+    torch.testing.assert_close(
+        splice_tokens(embeds, ids, table, VOCAB, backend=backend),
+        splice_tokens(embeds, ids, table, VOCAB, backend="torch"),
+    )
+
+
 def test_dispatch_picks_triton_only_for_cuda_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1)
     monkeypatch.delenv("PROMPTHOOKS_KERNELS", raising=False)

@@ -29,7 +29,8 @@ def _concat_forward(
     shared: tl.constexpr,
     BLOCK: tl.constexpr,
 ) -> None:
-    vector = tl.program_id(0)  # over B * H * (P + L)
+    # over B * H * (P + L); 64-bit, since vector * dim passes 2**31 for long caches
+    vector = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < dim
     s = vector % (count + length)

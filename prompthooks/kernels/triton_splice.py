@@ -32,10 +32,11 @@ def _splice_forward(
     vocab: Any,
     BLOCK: tl.constexpr,
 ) -> None:
-    token = tl.program_id(0)
+    # 64-bit offsets: token * hidden passes 2**31 in large batches.
+    token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < hidden
-    tid = tl.load(ids_ptr + token)
+    tid = tl.load(ids_ptr + token).to(tl.int64)
     if tid >= vocab:
         values = tl.load(table_ptr + (tid - vocab) * hidden + cols, mask=inside)
     else:
@@ -53,10 +54,10 @@ def _splice_backward(
     vocab: Any,
     BLOCK: tl.constexpr,
 ) -> None:
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < hidden
-    tid = tl.load(ids_ptr + token)
+    tid = tl.load(ids_ptr + token).to(tl.int64)
     grad = tl.load(grad_out_ptr + token * hidden + cols, mask=inside)
     if tid >= vocab:
         row = grad_table_ptr + (tid - vocab) * hidden + cols
@@ -69,12 +70,23 @@ def _grid(tokens: int, hidden: int) -> tuple[int, int]:
     return (tokens, triton.cdiv(hidden, BLOCK))
 
 
+def _check_ids(ids: torch.Tensor, vocab_size: int, rows: int) -> None:
+    """Ids past the table would be read out of bounds by the kernels, where the
+    reference path raises. Asserted on the device: no host sync in the hot path."""
+    torch._assert_async(
+        (ids < vocab_size + rows).all(),
+        f"prompthooks: an input id is >= {vocab_size + rows} (vocabulary {vocab_size} + "
+        f"{rows} virtual ids): neither a real token nor a prompt's virtual id",
+    )
+
+
 def splice_tokens_triton(
     embeds: torch.Tensor, input_ids: torch.Tensor, table: torch.Tensor, vocab_size: int
 ) -> torch.Tensor:
     """Same contract as the reference ``splice_forward``."""
     hidden = embeds.shape[-1]
     flat_ids = input_ids.reshape(-1).contiguous()
+    _check_ids(flat_ids, vocab_size, table.shape[0])
     flat = embeds.reshape(-1, hidden).contiguous()
     out = torch.empty_like(flat)
     # Cast the (small) table with torch, so rounding matches the reference path.
