@@ -156,3 +156,45 @@ def test_prefix_use_cache_false_returns_no_cache() -> None:
     with ph.attach(model, spec("prefix", 3)), torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     assert out.past_key_values is None
+
+
+STATIC_SPECS = {
+    "prompt": lambda: ph.PromptTuning(3),
+    "ptuning": lambda: ph.PTuning(2),
+    "prefix": lambda: ph.PrefixTuning(3),
+    "mixed": lambda: {"a": ph.PromptTuning(3), "b": ph.PrefixTuning(2), "c": ph.PTuning(4)},
+}
+
+
+@pytest.mark.parametrize("lengths", [[5, 5], [5, 3], [5]], ids=["unpadded", "padded", "one"])
+@pytest.mark.parametrize("method", list(STATIC_SPECS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_static_cache_generate_equals_each_row_alone(
+    arch: str, attn: str, method: str, lengths: list[int]
+) -> None:
+    """``generate(cache_implementation="static")`` with the cache ``generate``
+    creates: for every method, padded or not, batch 1 included (an unpadded
+    batch brings no mask, and the static cache still needs P more slots; it
+    raised ``index_copy_(): index out of bounds`` under sdpa). Each row equals
+    the same row generated alone with the ordinary dynamic cache."""
+    model = tiny(arch, attn)
+    ids, mask = batch(arch, lengths, seed=6)
+    att = ph.attach(model, STATIC_SPECS[method]())
+    names = ["a", "b", "c"][: len(lengths)] if method == "mixed" else ["default"] * len(lengths)
+    with torch.no_grad():
+        with att.use(names):
+            both = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=4,
+                do_sample=False,
+                cache_implementation="static",
+            )
+        for row, name in enumerate(names):
+            with att.use(name):
+                alone = model.generate(
+                    input_ids=unpad(arch, ids, mask, row), max_new_tokens=4, do_sample=False
+                )
+            assert torch.equal(both[row, -4:], alone[0, -4:]), (row, name)
+    att.detach()

@@ -45,7 +45,9 @@ def make_room(cache: Any, layer: int, count: int) -> bool:
 
 
 def make_room_everywhere(cache: Any, count: int) -> None:
-    """``make_room`` on every layer of a decoder cache."""
+    """``make_room`` on every layer of a decoder cache (none: nothing to do)."""
+    if cache is None:
+        return
     target = layer_cache(cache, "self")
     for layer in range(len(getattr(target, "layers", ()))):
         make_room(target, layer, count)

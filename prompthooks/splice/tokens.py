@@ -331,9 +331,11 @@ class SoftPromptHooks:
             kw["input_ids"] = insert(ids, at, self.bank.virtual_ids_tensor(name, ids.device))
         else:
             kw["inputs_embeds"] = insert(x, at, prompt.table())
+        # A static cache gets P more slots, whatever form the mask takes (``generate``
+        # drops an all-ones mask: unpadded rows bring none). No-op for growing caches.
+        make_room_everywhere(cache, count)
         mask = kw.get("attention_mask")
         if mask is not None and mask.ndim == 4:  # generate with a static cache
-            make_room_everywhere(cache, count)
             lengthened = insert(padding_from_4d(mask, x.shape[1]), at, mask.new_ones(count))
             kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1] + count, 0)
             mask = lengthened
@@ -373,8 +375,8 @@ class SoftPromptHooks:
         mask = kw.get("attention_mask")
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        make_room_everywhere(cache, width)  # a static cache's slots (see ``stack_pre``)
         if mask.ndim == 4:  # generate with a static cache
-            make_room_everywhere(cache, width)
             lengthened = self._lengthen_mask(padding_from_4d(mask, x.shape[1]), at, mixed)
             kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1] + width, 0)
             mask = lengthened
