@@ -166,17 +166,20 @@ STATIC_SPECS = {
 }
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("lengths", [[5, 5], [5, 3], [5]], ids=["unpadded", "padded", "one"])
 @pytest.mark.parametrize("method", list(STATIC_SPECS))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", DECODER_ONLY)
-def test_static_cache_generate_equals_each_row_alone(
-    arch: str, attn: str, method: str, lengths: list[int]
+def test_generate_equals_each_row_alone_with_either_cache(
+    arch: str, attn: str, method: str, lengths: list[int], cache: str
 ) -> None:
-    """``generate(cache_implementation="static")`` with the cache ``generate``
-    creates: for every method, padded or not, batch 1 included (an unpadded
-    batch brings no mask, and the static cache still needs P more slots; it
-    raised ``index_copy_(): index out of bounds`` under sdpa). Each row equals
+    """``generate`` with the cache it creates, static or dynamic: for every
+    method, padded or not, batch 1 included. An unpadded batch brings no mask
+    (``generate`` drops an all-ones one): the static cache still needs P more
+    slots (it raised ``index_copy_(): index out of bounds`` under sdpa), and a
+    mixed batch's pad slots must stay masked on every decode step (they were
+    unmasked after the first: rows drifted from the row alone). Each row equals
     the same row generated alone with the ordinary dynamic cache."""
     model = tiny(arch, attn)
     ids, mask = batch(arch, lengths, seed=6)
@@ -189,7 +192,7 @@ def test_static_cache_generate_equals_each_row_alone(
                 attention_mask=mask,
                 max_new_tokens=4,
                 do_sample=False,
-                cache_implementation="static",
+                cache_implementation="static" if cache == "static" else None,
             )
         for row, name in enumerate(names):
             with att.use(name):

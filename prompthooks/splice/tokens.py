@@ -444,13 +444,16 @@ class SoftPromptHooks:
     ) -> Any:
         mask = kw.get("attention_mask")
         user = past + new - mixed.width - self.bank.prefix_width(cache)
-        if mask is not None and mask.ndim == 4:  # generate with a static cache
+        if mask is None:  # generate drops an all-ones mask; the pad slots must stay masked
+            counts = mixed.counts  # (B,)
+            mask = torch.ones(counts.shape[0], user, dtype=torch.long, device=counts.device)
+        if mask.ndim == 4:  # generate with a static cache
             valid = padding_from_4d(mask, mask.shape[-1])
             at = insertion_points(valid, valid.shape[0], self.located.cls_first, valid.device)
             lengthened = self._lengthen_mask(valid, at, mixed)[:, : mask.shape[-1]]
             kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1], past)
             mask = None
-        elif mask is not None and mask.shape[1] == user:
+        elif mask.shape[1] == user:
             at = insertion_points(mask, mask.shape[0], self.located.cls_first, mask.device)
             kw["attention_mask"] = mask = self._lengthen_mask(mask, at, mixed)
         positions = kw.get("position_ids")
