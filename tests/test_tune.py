@@ -99,10 +99,13 @@ def test_vocab_init_copies_vocabulary_rows_and_random_init_is_scaled() -> None:
         table = att.prompts["default"].weight.detach()
         assert all(any(torch.equal(row, e) for e in embed) for row in table)
     torch.manual_seed(0)
-    with ph.attach(model, ph.PromptTuning(200, init="random")) as att:
-        std = float(att.prompts["default"].weight.std())
+    # Many rows for a steady estimate: built, not attached (200 rows leave no position
+    # of this model's 64 for an input, so attaching them is refused).
+    prompt = ph.PromptTuning(200, init="random").build(ph.locate(model))
+    std = float(prompt.weight.std())
     assert abs(std - float(embed.std())) < 0.3 * float(embed.std())
-    assert len(list(att.parameters())) == 1
+    with ph.attach(model, ph.PromptTuning(20, init="random")) as att:
+        assert len(list(att.parameters())) == 1
 
 
 class _ScaledEmbedding(torch.nn.Embedding):
@@ -130,7 +133,7 @@ def test_init_starts_from_what_a_scaled_embedding_outputs() -> None:
         rows = 8.0 * old.weight.detach()
         assert all(any(torch.equal(row, e) for e in rows) for row in table)
     torch.manual_seed(0)
-    with ph.attach(model, ph.PromptTuning(300, init="random")) as att:
-        std = float(att.prompts["default"].weight.std())
+    prompt = ph.PromptTuning(300, init="random").build(ph.locate(model))  # built, not attached
+    std = float(prompt.weight.std())
     seen = 8.0 * float(old.weight.std())
     assert abs(std - seen) < 0.2 * seen
