@@ -518,14 +518,16 @@ class PrefixHooks:
             rows = self._rows
             if rows is None:
                 return None
-            if index in self._adopting:  # the prefill call of a fixed-size cache
+            adopting = index in self._adopting  # the prefill call of a fixed-size cache
+            if adopting:
                 self._adopting.discard(index)
                 assert site.cache_arg is not None  # checked at attach
                 cache = _AdoptsDtypes(read_cache(kwargs, site.cache_arg), site.role)
                 kwargs = {**kwargs, site.cache_arg: cache}
             proxy = site.role in self._proxy
             if not proxy and not (site.role == "cross" and self._cross_count):
-                return args, kwargs
+                # Decode steps end here: the call's arguments stay as they came.
+                return (args, kwargs) if adopting else None
             if len(args) > 1:
                 kw, args = bind_kwargs(module, args, kwargs), ()
                 hidden = kw["hidden_states"]
