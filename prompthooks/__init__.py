@@ -5,7 +5,7 @@ with ph.attach(model, ph.PromptTuning(20)) as att:
     loss = model(**batch).loss      # your own call, unchanged
 """
 
-from .attach import Attachment, attach, tune
+from .attach import Attachment, attach, attachment, tune
 from .io import CheckpointError, load, load_peft
 from .locators import (
     AttentionSite,
@@ -35,6 +35,7 @@ __all__ = [
     "TemplateBatch",
     "UnsupportedModelError",
     "attach",
+    "attachment",
     "fill_template",
     "load",
     "load_peft",

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from torch import nn
 
@@ -28,39 +28,75 @@ Prompts = PromptLike | Mapping[str, PromptLike]
 ATTRIBUTE = "prompthooks"
 DEFAULT = "default"
 
-#: Models with prompts attached. Weak: an attached model the user drops is freed
-#: (its hooks and prompts live on it, and go with it).
-_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+Hooks = SoftPromptHooks | PrefixHooks | InputPrefixHooks
 
 
-def _attached_names(model: nn.Module) -> list[str]:
-    prompts = getattr(model, ATTRIBUTE, None)
-    return list(prompts.keys()) if isinstance(prompts, nn.ModuleDict) else []
+class AttachedPrompts(nn.ModuleDict):
+    """What an attachment adds to a model, kept on the model (``model.prompthooks``),
+    as ``torch.nn.utils.parametrize`` keeps its state: the prompts as
+    submodules (so ``model.parameters()``, ``to()``, ``train()`` and the
+    ``state_dict`` reach them), and the hook objects, the located modules and
+    the user's ``requires_grad`` flags as plain attributes. The hooks are bound
+    methods of those objects, so ``copy.deepcopy(model)`` and a pickle round
+    trip give a model with its own prompts and hooks, attached on its own.
+    """
+
+    def __init__(
+        self,
+        prompts: dict[str, SoftPrompt],
+        located: Located,
+        bank: PromptBank,
+        hooks: list[Hooks],
+        flags: dict[str, bool],
+    ) -> None:
+        super().__init__(prompts)
+        self.located = located
+        self.bank = bank
+        self.hooks = hooks
+        self.flags = flags
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        _ATTACHED.add(self)  # a copy or an unpickled model is attached too
+
+
+#: What is attached, weakly: an attached model the user drops is freed (its
+#: hooks and prompts live on it, and go with it).
+_ATTACHED: weakref.WeakSet[AttachedPrompts] = weakref.WeakSet()
+
+
+def _state(model: nn.Module) -> AttachedPrompts | None:
+    state = getattr(model, ATTRIBUTE, None)
+    return state if isinstance(state, AttachedPrompts) else None
 
 
 def _refuse_overlaps(model: nn.Module, named: Mapping[str, object]) -> None:
     """One attachment per model, and none on a model that shares modules or
     parameters with an attached one: their hooks and frozen flags would collide,
     and detaching one would undo the other's. Checked before anything changes."""
-    for other in list(_ATTACHED):
-        if other is model:
-            attached = _attached_names(model)
-            clash = sorted(set(named) & set(attached))
-            what = (
-                f"a prompt named {clash[0]!r} is already attached"
-                if clash
-                else f"prompts {attached} are already attached"
-            )
-            raise ValueError(
-                f"{what} to this {type(model).__name__}. Detach the first attachment "
-                "(att.detach()) or attach all prompts in one call: "
-                "ph.attach(model, {'a': spec_a, 'b': spec_b})"
-            )
+    own = _state(model)
+    if own is not None:
+        attached = list(own.keys())
+        clash = sorted(set(named) & set(attached))
+        what = (
+            f"a prompt named {clash[0]!r} is already attached"
+            if clash
+            else f"prompts {attached} are already attached"
+        )
+        raise ValueError(
+            f"{what} to this {type(model).__name__}. Detach the first attachment "
+            "(att.detach(), or ph.attachment(model).detach()) or attach all prompts in one "
+            "call: ph.attach(model, {'a': spec_a, 'b': spec_b})"
+        )
+    for state in list(_ATTACHED):
+        other = state.located.model
+        if _state(other) is not state:
+            continue  # detached (a stale entry)
         relation = _overlap(model, other)
         if relation is not None:
             raise ValueError(
                 f"this {type(model).__name__} {relation} an attached "
-                f"{type(other).__name__} (prompts {_attached_names(other)}). Prompts on "
+                f"{type(other).__name__} (prompts {list(state.keys())}). Prompts on "
                 "overlapping models would share hooks and frozen flags, and detaching one "
                 "would undo the other. Detach that attachment first, or attach to one "
                 "model only."
@@ -107,7 +143,9 @@ def _build(prompt: PromptLike, located: Located) -> SoftPrompt:
 
 
 class Attachment:
-    """Prompts attached to one model. Use ``ph.attach`` to make one."""
+    """A handle on the prompts attached to one model. ``ph.attach`` makes one;
+    ``ph.attachment(model)`` gives one for a model that is attached already (a
+    deep copy or an unpickled model, say). Its state lives on the model."""
 
     def __init__(self, model: nn.Module, prompts: Prompts, *, strip: bool = True) -> None:
         named = dict(prompts) if isinstance(prompts, Mapping) else {DEFAULT: prompts}
@@ -117,38 +155,63 @@ class Attachment:
         if hasattr(model, ATTRIBUTE):
             raise ValueError(f"the model already has an attribute {ATTRIBUTE!r}; cannot attach")
         # Everything that can fail happens before the model is touched.
-        self.located = locate(model)
-        device = self.located.embedding.weight.device
-        built = {name: _build(p, self.located).to(device) for name, p in named.items()}
-        self.model = model
-        self.prompts = nn.ModuleDict(built)
-        self.bank = PromptBank(built, self.located.vocab_size)
+        located = locate(model)
+        device = located.embedding.weight.device
+        built = {name: _build(p, located).to(device) for name, p in named.items()}
+        bank = PromptBank(built, located.vocab_size)
         kinds = {p.kind for p in built.values()}
-        hooks: list[SoftPromptHooks | PrefixHooks | InputPrefixHooks] = []
+        hooks: list[Hooks] = []
         if "tokens" in kinds:
-            hooks.append(SoftPromptHooks(self.located, self.bank, strip_outputs=strip))
+            hooks.append(SoftPromptHooks(located, bank, strip_outputs=strip))
         if "prefix" in kinds:
-            prefix_hooks = _prefix_hooks(self.located, self.bank)
-            hooks.append(prefix_hooks)
-            self.bank.prefix_width = prefix_hooks.width_in
+            hooks.append(_prefix_hooks(located, bank))
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._state = AttachedPrompts(built, located, bank, hooks, flags)
+        self.model = model
         # From here on the model changes: a failure at any step undoes every
         # earlier one and raises the original error.
-        self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        self._hooks = hooks
-        self.attached = True
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
             # The prompts follow the model's mode from here on (train()/eval() reach
             # registered children); new and loaded prompts start in the model's.
-            self.prompts.train(model.training)
-            model.add_module(ATTRIBUTE, self.prompts)
+            self._state.train(model.training)
+            model.add_module(ATTRIBUTE, self._state)
             for hook in hooks:
                 hook.install()
         except BaseException:
-            self.detach()
+            self._undo()
             raise
-        _ATTACHED.add(model)
+        _ATTACHED.add(self._state)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Attachment:
+        """The attachment a model carries (see ``ph.attachment``)."""
+        state = _state(model)
+        if state is None:
+            raise ValueError(
+                f"no prompts are attached to this {type(model).__name__}: use ph.attach(model, ...)"
+            )
+        handle = cls.__new__(cls)
+        handle._state, handle.model = state, model
+        return handle
+
+    @property
+    def attached(self) -> bool:
+        return _state(self.model) is self._state
+
+    @property
+    def prompts(self) -> nn.ModuleDict:
+        """The attached prompts by name (registered on the model as ``prompthooks``)."""
+        return self._state
+
+    @property
+    def located(self) -> Located:
+        return self._state.located
+
+    @property
+    def bank(self) -> PromptBank:
+        return self._state.bank
 
     @property
     def names(self) -> list[str]:
@@ -177,7 +240,7 @@ class Attachment:
         reads them on the host; under ``torch.compile`` it cannot, so there an
         undeclared input is taken to hold none and checked on the device.
         """
-        selected = self.bank.selected
+        selected, declared = self.bank.selected, self.bank.template
         if name is not None:
             names = [name] if isinstance(name, str) else list(name)
             if not names:
@@ -188,28 +251,24 @@ class Attachment:
             selected = names[0] if len(set(names)) == 1 else tuple(names)
         if template is not None and not isinstance(template, bool):
             raise TypeError(f"template must be True, False or None, got {template!r}")
-        before = self.bank.selected, self.bank.template
-        self.bank.selected = selected
-        if template is not None:
-            self.bank.template = template
-        try:
+        with self.bank.choose(selected, declared if template is None else template):
             yield
-        finally:
-            self.bank.selected, self.bank.template = before
 
     def detach(self) -> None:
         """Remove every hook and the prompt module; restore ``requires_grad``. Idempotent."""
-        if not self.attached:
-            return
-        for hook in self._hooks:
+        if self.attached:
+            self._undo()
+
+    def _undo(self) -> None:
+        """Undo whatever of the attach happened (all of it, or the steps before a failure)."""
+        state = self._state
+        for hook in state.hooks:
             hook.remove()
-        self._hooks = []
-        if getattr(self.model, ATTRIBUTE, None) is self.prompts:
+        if _state(self.model) is state:
             delattr(self.model, ATTRIBUTE)
         for name, p in self.model.named_parameters():
-            p.requires_grad_(self._flags.get(name, p.requires_grad))
-        _ATTACHED.discard(self.model)
-        self.attached = False
+            p.requires_grad_(state.flags.get(name, p.requires_grad))
+        _ATTACHED.discard(state)
 
     def export(self) -> None:
         """Replace every prompt by the plain tables it produces (dropping a
@@ -219,7 +278,7 @@ class Attachment:
             assert isinstance(prompt, SoftPrompt)
             exported = prompt.export()
             if exported is not prompt:
-                self.prompts[name] = exported
+                self._state[name] = exported
                 self.bank.prompts[name] = exported
 
     def save_peft(self, directory: str | Path, *, task_type: str | None = None) -> None:
@@ -257,6 +316,13 @@ class Attachment:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"<Attachment {self.names} to {type(self.model).__name__} ({state})>"
+
+
+def attachment(model: nn.Module) -> Attachment:
+    """The attachment ``model`` carries: for a model attached elsewhere, a deep
+    copy of an attached model, or one loaded with ``torch.load``. Raises
+    ``ValueError`` if none is attached."""
+    return Attachment.of(model)
 
 
 def attach(model: nn.Module, prompts: Prompts, *, strip: bool = True) -> Attachment:

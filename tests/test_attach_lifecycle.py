@@ -82,7 +82,7 @@ def _registrations(arch: str, method: str) -> int:
 def _assert_untouched(model: nn.Module, before: dict[str, Any]) -> None:
     assert same_snapshot(before, snapshot(model))
     assert not hasattr(model, attach_module.ATTRIBUTE)
-    assert model not in attach_module._ATTACHED
+    assert all(state.located.model is not model for state in attach_module._ATTACHED)
     ph.attach(model, ph.PromptTuning(2)).detach()  # nothing stale is left behind
 
 

@@ -1,12 +1,33 @@
-"""The attached prompts, their virtual-id ranges and which one is selected."""
+"""The attached prompts, their virtual-id ranges and which one is selected.
+
+``att.use(...)`` selections are per context: a ``ContextVar`` (private to the
+thread or asyncio task that entered the ``with`` block) holds them, so one
+thread's selection never reaches another thread's calls. ``torch.compile``
+cannot read a ``ContextVar``; compiled calls read a thread-local copy of the
+same selection instead, which ``att.use`` keeps in step (and which dynamo
+guards on, so a new selection recompiles rather than reusing the old prompt).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 
 from ..methods.base import SoftPrompt
+
+#: ``(selected, template)`` chosen by ``att.use``, per bank, in this context.
+Choice = tuple["str | tuple[str, ...] | None", "bool | None"]
+_CHOSEN: ContextVar[Mapping[PromptBank, Choice] | None] = ContextVar(
+    "prompthooks_use", default=None
+)
+_CHOSEN_COMPILED = threading.local()  # attribute ``bank.key`` -> Choice
+_KEYS = itertools.count()
 
 
 class PromptBank:
@@ -16,21 +37,54 @@ class PromptBank:
     def __init__(self, prompts: dict[str, SoftPrompt], vocab_size: int) -> None:
         self.prompts = prompts  # the attachment replaces entries on export()
         self.vocab_size = vocab_size
-        # Set by the attachment: prefix slots a cache holds in front (0 if none), so
-        # the token hooks can tell the user's mask length on decode steps.
-        self.prefix_width: Callable[[object], int] = lambda cache: 0
+        self.key = f"bank{next(_KEYS)}"  # names this bank's thread-local selection
         self.starts: dict[str, int] = {}
         offset = vocab_size
         for name, prompt in prompts.items():
             if prompt.kind == "tokens":
                 self.starts[name] = offset
                 offset += prompt.num_virtual_tokens
-        # One name for the whole batch, or one name per row (a mixed batch).
-        self.selected: str | tuple[str, ...] | None = (
-            next(iter(prompts)) if len(prompts) == 1 else None
-        )
-        # Whether inputs hold virtual ids already (``att.use(template=...)``); None: look.
-        self.template: bool | None = None
+        # Without ``att.use``: the only prompt, or none (the call must choose).
+        self.default: str | None = next(iter(prompts)) if len(prompts) == 1 else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy is a bank of its own: the original's ``att.use`` does not select for it.
+        self.__dict__.update(state)
+        self.key = f"bank{next(_KEYS)}"
+
+    def _choice(self) -> Choice:
+        if torch.compiler.is_compiling():
+            chosen: Choice | None = getattr(_CHOSEN_COMPILED, self.key, None)
+        else:
+            chosen = (_CHOSEN.get() or {}).get(self)
+        return chosen if chosen is not None else (self.default, None)
+
+    @property
+    def selected(self) -> str | tuple[str, ...] | None:
+        """One name for the whole batch, or one name per row (a mixed batch)."""
+        return self._choice()[0]
+
+    @property
+    def template(self) -> bool | None:
+        """Whether inputs hold virtual ids already (``att.use(template=...)``); None: look."""
+        return self._choice()[1]
+
+    @contextmanager
+    def choose(
+        self, selected: str | tuple[str, ...] | None, template: bool | None
+    ) -> Iterator[None]:
+        """Make ``(selected, template)`` this context's choice for the ``with`` block."""
+        token = _CHOSEN.set({**(_CHOSEN.get() or {}), self: (selected, template)})
+        before = getattr(_CHOSEN_COMPILED, self.key, None)
+        setattr(_CHOSEN_COMPILED, self.key, (selected, template))
+        try:
+            yield
+        finally:
+            _CHOSEN.reset(token)
+            setattr(_CHOSEN_COMPILED, self.key, before)
 
     def virtual_ids(self, name: str) -> list[int]:
         if name not in self.prompts:
@@ -84,7 +138,55 @@ class PromptBank:
         repeat = batch // len(selection)
         return tuple(name for name in selection for _ in range(repeat))
 
-    def table(self) -> torch.Tensor:
-        """All prompts' vectors, stacked in id order: row ``id - vocab_size``."""
-        tables = [self.prompts[name].table() for name in self.starts]
-        return tables[0] if len(tables) == 1 else torch.cat(tables)
+    def token_names(self, names: Iterable[str]) -> list[str]:
+        """The token prompts among ``names``, in id order."""
+        wanted = set(names)
+        return [name for name in self.starts if name in wanted]
+
+    def names_of_ids(self, ids: torch.Tensor) -> list[str]:
+        """The token prompts whose virtual ids ``ids`` hold (a host read)."""
+        virtual = set(torch.unique(ids[ids >= self.vocab_size]).tolist())
+        names = []
+        for name, start in self.starts.items():
+            count = self.prompts[name].num_virtual_tokens
+            inside = {v for v in virtual if start <= v < start + count}
+            if inside:
+                names.append(name)
+                virtual -= inside
+        if virtual:
+            unknown = min(virtual)
+            raise IndexError(
+                f"input id {unknown} is neither a token of the {self.vocab_size}-token "
+                f"vocabulary nor a virtual id of an attached prompt ({self._ranges()}); "
+                "use ids below the vocabulary size, or att.virtual_ids(name)"
+            )
+        return names
+
+    def _ranges(self) -> str:
+        ranges = [
+            f"{name!r}: {start}..{start + self.prompts[name].num_virtual_tokens - 1}"
+            for name, start in self.starts.items()
+        ]
+        return ", ".join(ranges) or "none has virtual ids"
+
+    def lookup(
+        self, ids: torch.Tensor, names: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids`` and a table holding just the prompts ``names`` (``None``: all),
+        with their virtual ids renumbered into it: row ``id - vocab_size``.
+
+        A call computes only the prompts it uses (a P-tuning prompt runs its
+        encoder to make its table), so its cost does not grow with the number of
+        prompts attached."""
+        if names is None or len(names) == len(self.starts):
+            tables = [self.prompts[name].table() for name in self.starts]
+            return ids, tables[0] if len(tables) == 1 else torch.cat(tables)
+        renumbered, row = ids, self.vocab_size
+        tables = []
+        for name in names:
+            start, prompt = self.starts[name], self.prompts[name]
+            inside = (ids >= start) & (ids < start + prompt.num_virtual_tokens)
+            renumbered = torch.where(inside, ids - (start - row), renumbered)
+            row += prompt.num_virtual_tokens
+            tables.append(prompt.table())
+        return renumbered, tables[0] if len(tables) == 1 else torch.cat(tables)

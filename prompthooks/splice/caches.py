@@ -51,3 +51,29 @@ def make_room_everywhere(cache: Any, count: int) -> None:
     target = layer_cache(cache, "self")
     for layer in range(len(getattr(target, "layers", ()))):
         make_room(target, layer, count)
+
+
+#: Attribute under which a cache carries what prompthooks put into it. On the
+#: cache, not on the hooks: it goes wherever the cache goes (a deep copy of a
+#: prompt cache, another thread) and is freed with it.
+_RECORD = "_prompthooks"
+
+
+def remember(cache: Any, what: str, value: Any) -> None:
+    """Note on ``cache`` what a call put into it (``"inserted"``: virtual tokens
+    in the sequence; ``"prefix"``: the prefix layout at its front)."""
+    record = cache.__dict__.setdefault(_RECORD, {})
+    record[what] = value
+
+
+def recall(cache: Any, what: str) -> Any:
+    """What ``remember`` noted on ``cache`` (``None``: nothing, or no cache)."""
+    if cache is None:
+        return None
+    return getattr(cache, "__dict__", {}).get(_RECORD, {}).get(what)
+
+
+def prefix_width(cache: Any) -> int:
+    """Prefix slots ``cache`` holds in front of the tokens (0 if none)."""
+    rows = recall(cache, "prefix")
+    return int(rows.width) if rows is not None else 0

@@ -11,8 +11,8 @@ site (``AttentionSite(num_kv_heads=1, head_dim=width)``).
 
 One model call goes through:
 
-1. ``model_pre`` (a pre-hook on the user-facing model): forget the last call's
-   prefix (and ``model_post`` again after the call).
+1. ``model_pre`` (a pre-hook on the user-facing model) opens the call's frame
+   (``calls``), and ``model_post`` closes it.
 2. ``site_pre`` on every attention module: on the first site of the call the
    prefixes run once (for the batch size the site sees); each site gets its
    key and value inputs lengthened by the prefix, and its ``key_padding_mask``
@@ -35,7 +35,8 @@ sites do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,21 +46,30 @@ from torch.utils.hooks import RemovableHandle
 from ..kernels import prefix_concat
 from ..locators.base import Located
 from .bank import PromptBank
+from .calls import Frames
 from .prefix import KeyValues, PrefixRows, build_rows
 from .tokens import Kwargs
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 
 
+@dataclass
+class InputPrefixCall:
+    """One model call's prefix layout and keys/values, built by its first site."""
+
+    rows: PrefixRows | None = None
+    kv: KeyValues | None = None
+
+
 class InputPrefixHooks:
-    """The hook functions of one attachment's prefixes on ``inputs`` sites."""
+    """The hook functions of one attachment's prefixes on ``inputs`` sites;
+    each call's state lives in its frame (``calls``)."""
 
     def __init__(self, located: Located, bank: PromptBank) -> None:
         self.located = located
         self.bank = bank
         self.sites = located.sites
-        self._rows: PrefixRows | None = None
-        self._kv: KeyValues | None = None  # built by the call's first site
+        self.frames: Frames[InputPrefixCall] = Frames()
         self._handles: list[RemovableHandle] = []
         # Encoders whose nested-tensor path is off while attached, with their own setting.
         self._nested: list[tuple[nn.TransformerEncoder, bool]] = []
@@ -72,7 +82,7 @@ class InputPrefixHooks:
         self._handles.append(model.register_forward_hook(self.model_post, always_call=True))
         for index in range(len(self.sites)):
             module = self.sites[index].module
-            hook = self._site_hook(index)
+            hook = functools.partial(self.site_pre, index)
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         sites = {id(site.module) for site in self.sites}
         for encoder in model.modules():
@@ -90,59 +100,55 @@ class InputPrefixHooks:
             encoder.use_nested_tensor = setting
         self._nested = []
 
-    def width_in(self, cache: object) -> int:
-        """No cache ever holds a prefix of these sites."""
-        return 0
-
     # -- the model ---------------------------------------------------------------
 
     def model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> None:
-        self._rows, self._kv = None, None
+        self.frames.open("model", InputPrefixCall())
 
     def model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._rows, self._kv = None, None
+        self.frames.close("model")
 
     # -- attention -----------------------------------------------------------------
 
-    def _site_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], Kwargs], Any]:
-        def site_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-            if not self.bank.selects("prefix"):
-                return None
-            kw = dict(zip(_MHA_ARGS, args, strict=False))
-            kw.update(kwargs)
-            query, key, value = kw["query"], kw["key"], kw["value"]
-            if query.is_nested or key.is_nested:
-                raise RuntimeError(
-                    "prefix: nn.MultiheadAttention got a nested tensor; build it from a "
-                    "padded batch and a key_padding_mask instead"
-                )
-            batched = query.ndim == 3
-            batch_first = bool(getattr(module, "batch_first", False))
-            batch = (query.shape[0] if batch_first else query.shape[1]) if batched else 1
-            if self._kv is None:
-                self._rows, self._kv = build_rows(self.bank, len(self.sites), batch)
-            rows = self._rows
-            assert rows is not None
-            keys, values = self._kv[index]
-            kw["key"] = _prepend(keys, key, batch_first, batched)
-            kw["value"] = _prepend(values, value, batch_first, batched)
-            pad, attn = kw.get("key_padding_mask"), kw.get("attn_mask")
-            length = _length(key, batch_first, batched)
-            if rows.keep is not None and pad is None:  # rows must not see their unused slots
-                pad = torch.zeros(batch, length, dtype=torch.bool, device=key.device)
-            if pad is not None:
-                kw["key_padding_mask"] = _pad_columns(pad, rows, batched)
-            if attn is None and kw.get("is_causal"):
-                # The caller promised a causal mask and let the module skip it; the
-                # prefix makes the mask non-square, so it is written out.
-                queries = _length(query, batch_first, batched)
-                attn = torch.ones(queries, length, dtype=torch.bool, device=key.device).triu(1)
-            if attn is not None:
-                kw["attn_mask"] = _attn_columns(attn, rows)
-            kw["is_causal"] = False
-            return (), kw
-
-        return site_pre
+    def site_pre(self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        frame = self.frames.current()
+        # An attention module called on its own: its state lives for this call only.
+        call = frame.state if frame is not None else InputPrefixCall()
+        if not self.bank.selects("prefix"):
+            return None
+        kw = dict(zip(_MHA_ARGS, args, strict=False))
+        kw.update(kwargs)
+        query, key, value = kw["query"], kw["key"], kw["value"]
+        if query.is_nested or key.is_nested:
+            raise RuntimeError(
+                "prefix: nn.MultiheadAttention got a nested tensor; build it from a "
+                "padded batch and a key_padding_mask instead"
+            )
+        batched = query.ndim == 3
+        batch_first = bool(getattr(module, "batch_first", False))
+        batch = (query.shape[0] if batch_first else query.shape[1]) if batched else 1
+        if call.kv is None:
+            call.rows, call.kv = build_rows(self.bank, len(self.sites), batch)
+        rows = call.rows
+        assert rows is not None
+        keys, values = call.kv[index]
+        kw["key"] = _prepend(keys, key, batch_first, batched)
+        kw["value"] = _prepend(values, value, batch_first, batched)
+        pad, attn = kw.get("key_padding_mask"), kw.get("attn_mask")
+        length = _length(key, batch_first, batched)
+        if rows.keep is not None and pad is None:  # rows must not see their unused slots
+            pad = torch.zeros(batch, length, dtype=torch.bool, device=key.device)
+        if pad is not None:
+            kw["key_padding_mask"] = _pad_columns(pad, rows, batched)
+        if attn is None and kw.get("is_causal"):
+            # The caller promised a causal mask and let the module skip it; the
+            # prefix makes the mask non-square, so it is written out.
+            queries = _length(query, batch_first, batched)
+            attn = torch.ones(queries, length, dtype=torch.bool, device=key.device).triu(1)
+        if attn is not None:
+            kw["attn_mask"] = _attn_columns(attn, rows)
+        kw["is_causal"] = False
+        return (), kw
 
 
 def _length(x: torch.Tensor, batch_first: bool, batched: bool) -> int:

@@ -32,9 +32,8 @@ counts and a prefix given by proxy does not) have their position tables
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +46,8 @@ from ..locators.base import AttentionSite, Located, PositionTable, Role
 from ..locators.conventions import read_cache
 from ..methods.prefix_tuning import Prefix
 from .bank import PromptBank
-from .caches import capacity, layer_cache, make_room
+from .caches import capacity, layer_cache, make_room, recall, remember
+from .calls import Frames
 from .checks import check_sites_take_their_names, not_applied
 from .layout import positions_from_mask
 from .tokens import Kwargs, bind_kwargs, cache_length
@@ -231,35 +231,45 @@ def build_rows(bank: PromptBank, sites: int, batch: int) -> tuple[PrefixRows, Ke
     return PrefixRows(width, keep, counts, offsets, largest), kv
 
 
+@dataclass
+class PrefixCall:
+    """What one stack call's prefix hooks hand each other (see ``calls``)."""
+
+    rows: PrefixRows | None = None  # the call's prefix layout, if any
+    kv: KeyValues = field(default_factory=list)
+    proxy: set[Role] = field(default_factory=set)  # roles whose hooks splice in this call
+    cross_count: int = 0  # prefix length on cross-attention keys (decoder calls)
+    reentrant: set[int] = field(default_factory=set)  # sites inside reentrant checkpoints
+    # The last mask each role was given and its padded form: layers share one mask.
+    padded: dict[Role, tuple[Any, torch.Tensor | None]] = field(default_factory=dict)
+    windowed: dict[tuple[Role, int], tuple[Any, torch.Tensor | None]] = field(default_factory=dict)
+    # What this call handed each site (a cache stand-in, or the real cache
+    # holding the prefix), and per side a filled cache with its length before
+    # the stack ran: checked after the stack (see ``_check_applied``).
+    handed: dict[int, Any] = field(default_factory=dict)
+    filled: dict[frozenset[Role], tuple[Any, int]] = field(default_factory=dict)
+    # Sites whose fixed-size cache layer got the prefix before the model's own
+    # keys this call: on their first update it takes the model's dtypes.
+    adopting: set[int] = field(default_factory=set)
+    # Per stack side, the position of the call's first new token, for the
+    # stacks that number positions themselves (int, or (B, 1) per row).
+    starts: dict[frozenset[Role], torch.Tensor | int] = field(default_factory=dict)
+    # Per projection site (DistilBERT), while the module runs: its prefix keys
+    # and values, the slots in front, and how many projections ran.
+    armed: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
 class PrefixHooks:
-    """The hook functions of one attachment's prefixes, sharing per-call state."""
+    """The hook functions of one attachment's prefixes. They keep no state
+    between calls: each stack call's lives in its frame (``calls``); what a
+    cache holds, on the cache."""
 
     def __init__(self, located: Located, bank: PromptBank) -> None:
         check_sites_take_their_names(located)
         self.located = located
         self.bank = bank
         self.sites = located.sites
-        self._rows: PrefixRows | None = None  # the current call's prefix layout, if any
-        self._kv: KeyValues = []
-        self._proxy: set[Role] = set()  # roles whose hooks splice in this call
-        self._cross_count = 0  # prefix length on cross-attention keys (decoder calls)
-        self._reentrant: set[int] = set()  # sites inside reentrant checkpoints this call
-        # The last mask each role was given and its padded form: layers share one mask.
-        self._padded: dict[Role, tuple[Any, torch.Tensor | None]] = {}
-        self._windowed: dict[tuple[Role, int], tuple[Any, torch.Tensor | None]] = {}
-        # Caches that hold a prefix at their front, and how it is laid out.
-        self.prefixed: weakref.WeakKeyDictionary[Any, PrefixRows] = weakref.WeakKeyDictionary()
-        # What this call handed each site (a cache stand-in, or the real cache
-        # holding the prefix), and per side a filled cache with its length before
-        # the stack ran: checked after the stack (see ``_check_applied``).
-        self._handed: dict[int, Any] = {}
-        self._filled: dict[frozenset[Role], tuple[Any, int]] = {}
-        # Sites whose fixed-size cache layer got the prefix before the model's own
-        # keys this call: on their first update it takes the model's dtypes.
-        self._adopting: set[int] = set()
-        # Per stack side, the position of the current call's first new token, for
-        # the stacks that number positions themselves (int, or (B, 1) per row).
-        self._starts: dict[frozenset[Role], torch.Tensor | int] = {}
+        self.frames: Frames[PrefixCall] = Frames()
         self._handles: list[RemovableHandle] = []
         self._has_sites = {
             roles: any(s.role in roles for s in self.sites) for roles in (INPUT_SIDE, DECODER_SIDE)
@@ -272,15 +282,17 @@ class PrefixHooks:
     def install(self) -> None:
         loc = self.located
         # One handle at a time: a registration that fails leaves the earlier
-        # ones in ``_handles``, so ``remove`` undoes a partial install.
+        # ones in ``_handles``, so ``remove`` undoes a partial install. Hooks are
+        # bound methods (or partials of them), so a copy of the model gets hooks
+        # bound to its own copy of this object. Post-hooks that close a frame run
+        # also when the forward raises.
+        handles = self._handles
         stack = loc.input_stack
-        self._handles.append(stack.register_forward_pre_hook(self.input_pre, with_kwargs=True))
-        self._handles.append(stack.register_forward_hook(self.input_post))
+        handles.append(stack.register_forward_pre_hook(self.input_pre, with_kwargs=True))
+        handles.append(stack.register_forward_hook(self.input_post, always_call=True))
         for decoder in loc.encoder_mask_readers:
-            self._handles.append(
-                decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True)
-            )
-            self._handles.append(decoder.register_forward_hook(self.decoder_post))
+            handles.append(decoder.register_forward_pre_hook(self.decoder_pre, with_kwargs=True))
+            handles.append(decoder.register_forward_hook(self.decoder_post, always_call=True))
         # Every attention site gets its hook now, not when first needed: installing
         # hooks inside a forward call would break a ``torch.compile`` graph. A hook
         # with nothing to do (cache mode, decode steps) returns at once.
@@ -288,10 +300,12 @@ class PrefixHooks:
             if site.prefix_in == "projections":
                 self._projection_hooks(index, site)
                 continue
-            hook = self._attention_hook(index, site)
-            self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+            hook = functools.partial(self.attention_pre, index)
+            handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
         for table in loc.position_tables:
-            self._handles.append(table.module.register_forward_hook(self._renumber_hook(table)))
+            roles = INPUT_SIDE if table.role in INPUT_SIDE else DECODER_SIDE
+            renumber = functools.partial(self.renumber, roles, table)
+            handles.append(table.module.register_forward_hook(renumber))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -301,10 +315,12 @@ class PrefixHooks:
     def _build(self, batch: int) -> tuple[PrefixRows, KeyValues]:
         return build_rows(self.bank, len(self.sites), batch)
 
-    def width_in(self, cache: object) -> int:
-        """Prefix slots ``cache`` holds in front of the tokens (0 if none)."""
-        rows = self.prefixed.get(cache) if cache is not None else None
-        return rows.width if rows is not None else 0
+    def _running(self, role: Role) -> PrefixCall | None:
+        """The running stack call's state; during a checkpoint's recomputation
+        in the backward pass, that of the checkpointed call of ``role``'s stack."""
+        opener = "input" if role in INPUT_SIDE else "decoder"
+        frame = self.frames.current() or self.frames.for_recompute(opener)
+        return frame.state if frame is not None else None
 
     def _expected_width(self) -> int | None:
         """Prefix width of the current selection, or None when it is not a prefix."""
@@ -317,34 +333,34 @@ class PrefixHooks:
     # -- stacks ----------------------------------------------------------------
 
     def input_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        self._rows = None
-        self._proxy = set()
-        self._cross_count = 0
-        self._reentrant = set()
-        self._padded = {}
-        self._windowed = {}
-        self._handed = {}
-        self._filled = {}
-        self._adopting = set()
-        return self._stack_pre(module, args, kwargs, INPUT_SIDE)
+        call = self.frames.open("input", PrefixCall()).state
+        return self._stack_pre(call, module, args, kwargs, INPUT_SIDE)
 
     def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        self._proxy -= DECODER_SIDE
-        self._padded = {}
-        self._windowed = {}
-        self._filled.pop(DECODER_SIDE, None)
-        return self._stack_pre(module, args, kwargs, DECODER_SIDE)
+        call = self.frames.open("decoder", PrefixCall()).state
+        return self._stack_pre(call, module, args, kwargs, DECODER_SIDE)
 
     def input_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._check_applied(module, INPUT_SIDE)
+        self._stack_post(module, output, "input", INPUT_SIDE)
 
     def decoder_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._check_applied(module, DECODER_SIDE)
+        self._stack_post(module, output, "decoder", DECODER_SIDE)
 
-    def _check_applied(self, stack: nn.Module, roles: frozenset[Role]) -> None:
+    def _stack_post(
+        self, stack: nn.Module, output: Any, opener: str, roles: frozenset[Role]
+    ) -> None:
+        frame = self.frames.close(opener)
+        if frame is None or output is None:  # output None: the forward raised
+            return
+        call = frame.state
+        if call.proxy and stack.training and torch.is_grad_enabled():
+            self.frames.keep_for_recompute(frame)  # gradient checkpointing runs layers again
+        self._check_applied(call, stack, roles)
+
+    def _check_applied(self, call: PrefixCall, stack: nn.Module, roles: frozenset[Role]) -> None:
         """After a stack ran: every site of ``roles`` used the prefix it was handed
         (proxy mode), or the filled cache grew by the stack's tokens (cache mode)."""
-        filled = self._filled.pop(roles, None)
+        filled = call.filled.pop(roles, None)
         if filled is not None:
             cache, before = filled
             if cache_length(cache) <= before:
@@ -354,7 +370,7 @@ class PrefixHooks:
                     "the key/value cache that holds the prefix was not updated",
                     f"{type(stack).__name__} to pass that cache to its attention modules",
                 )
-        if not (roles & self._proxy):
+        if not (roles & call.proxy):
             return
         # LayerDrop (BART, OPT, ...) skips whole layers while training: their sites
         # are never called, and there is no attention for a prefix to be missing from.
@@ -363,7 +379,7 @@ class PrefixHooks:
         for index, site in enumerate(self.sites):
             if site.role not in roles or site.prefix_in != "cache":
                 continue
-            handed = self._handed.pop(index, None)
+            handed = call.handed.pop(index, None)
             if handed is None and skips_layers:
                 continue
             if handed is None:
@@ -383,14 +399,17 @@ class PrefixHooks:
                 )
 
     def _stack_pre(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs, roles: frozenset[Role]
+        self,
+        call: PrefixCall,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Kwargs,
+        roles: frozenset[Role],
     ) -> Any:
-        self._starts.pop(roles, None)
         if not self._has_sites[roles]:
             return None
         width = self._expected_width()
         if width is None:
-            self._rows = None
             return None
         kw = bind_kwargs(module, args, kwargs)
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
@@ -407,15 +426,15 @@ class PrefixHooks:
                 f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
             )
         if past > 0:  # a decode step: the cache must already hold this prefix
-            rows = self.prefixed.get(cache)
+            rows = recall(cache, "prefix")
             if rows is None or rows.width != width:
                 raise ValueError(
                     "this cache was not filled with the attached prefix "
                     f"({width} virtual tokens); start decoding from a call without "
                     "past_key_values while the prefix is attached"
                 )
-            self._rows = rows
-            self._filled[roles] = (cache, past)
+            call.rows = rows
+            call.filled[roles] = (cache, past)
             if mask is None and rows.keep is not None:  # rows must not see their unused slots
                 mask = torch.ones(x.shape[0], past + new - width, dtype=torch.long, device=x.device)
             if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - width):
@@ -424,13 +443,13 @@ class PrefixHooks:
                 )
             user_past = past - width
         else:
-            rows, self._kv = self._build(x.shape[0])
-            self._rows = rows
+            rows, call.kv = self._build(x.shape[0])
+            call.rows = rows
             user_past = 0
             checkpointing = module.training and bool(getattr(module, "gradient_checkpointing", 0))
             if cache is not None and not checkpointing:
-                self._fill(cache, roles, x.shape[0])
-                self._filled[roles] = (cache, cache_length(cache))
+                self._fill(call, cache, roles, x.shape[0])
+                call.filled[roles] = (cache, cache_length(cache))
                 if mask is None and rows.keep is not None:
                     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
                 if mask is not None:
@@ -440,21 +459,21 @@ class PrefixHooks:
                 if kw.get("cache_position") is not None:
                     kw["cache_position"] = kw["cache_position"] + width
             else:
-                self._proxy |= roles
+                call.proxy |= roles
         if "cross" in roles:
-            self._cross_count = width
+            call.cross_count = width
         self._check_length(module, user_past + new + rows.largest_offset)
-        self._starts[roles] = user_past + rows.offsets
+        call.starts[roles] = user_past + rows.offsets
         if names.positions is not None:
-            kw["position_ids"] = self._positions(kw, mask, user_past, new)
+            kw["position_ids"] = self._positions(call, kw, mask, user_past, new)
         return (), kw
 
     def _positions(
-        self, kw: Kwargs, mask: torch.Tensor | None, user_past: int, new: int
+        self, call: PrefixCall, kw: Kwargs, mask: torch.Tensor | None, user_past: int, new: int
     ) -> torch.Tensor:
         """Explicit positions of the new real tokens (see the module docstring)."""
-        assert self._rows is not None
-        offsets, counts = self._rows.offsets, self._rows.counts
+        assert call.rows is not None
+        offsets, counts = call.rows.offsets, call.rows.counts
         given: torch.Tensor | None = kw.get("position_ids")
         if given is not None:
             return given + offsets
@@ -484,105 +503,107 @@ class PrefixHooks:
                 "PrefixTuning(shift_positions=False)."
             )
 
-    def _fill(self, cache: Any, roles: frozenset[Role], batch: int) -> None:
+    def _fill(self, call: PrefixCall, cache: Any, roles: frozenset[Role], batch: int) -> None:
         """Write the prefix of every site of ``roles`` into an empty cache."""
         weight = self.located.embedding.weight
         dtype = cached_dtype(weight.dtype, weight.device)
         for index, site in enumerate(self.sites):
             if site.role in roles:
-                keys, values = self._kv[index]
-                self._write(cache, site, keys, values, batch, dtype)
+                keys, values = call.kv[index]
+                self._write(call, cache, site, keys, values, batch, dtype)
 
-    def _renumber_hook(
-        self, table: PositionTable
-    ) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], Any]:
-        """A forward hook that gives a position table's output the positions of
-        this call's new tokens: ``start, start + 1, ...`` (see ``_stack_pre``)."""
-        roles = INPUT_SIDE if table.role in INPUT_SIDE else DECODER_SIDE
-
-        def renumber(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-            start = self._starts.get(roles)
-            if start is None:
-                return None
-            length = output.shape[-2]
-            return table.lookup(torch.arange(length, device=output.device).unsqueeze(0) + start)
-
-        return renumber
+    def renumber(
+        self,
+        roles: frozenset[Role],
+        table: PositionTable,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        output: torch.Tensor,
+    ) -> Any:
+        """A position table's forward hook: its output gets the positions of this
+        call's new tokens, ``start, start + 1, ...`` (see ``_stack_pre``)."""
+        call = self._running(table.role)
+        start = call.starts.get(roles) if call is not None else None
+        if start is None:
+            return None
+        length = output.shape[-2]
+        return table.lookup(torch.arange(length, device=output.device).unsqueeze(0) + start)
 
     # -- attention ---------------------------------------------------------------
 
-    def _attention_hook(
-        self, index: int, site: AttentionSite
-    ) -> Callable[[nn.Module, tuple[Any, ...], Kwargs], Any]:
-        def attention_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-            rows = self._rows
-            if rows is None:
-                return None
-            adopting = index in self._adopting  # the prefill call of a fixed-size cache
-            if adopting:
-                self._adopting.discard(index)
-                assert site.cache_arg is not None  # checked at attach
-                cache = _AdoptsDtypes(read_cache(kwargs, site.cache_arg), site.role)
-                kwargs = {**kwargs, site.cache_arg: cache}
-            proxy = site.role in self._proxy
-            if not proxy and not (site.role == "cross" and self._cross_count):
-                # Decode steps end here: the call's arguments stay as they came.
-                return (args, kwargs) if adopting else None
-            if len(args) > 1:
-                kw, args = bind_kwargs(module, args, kwargs), ()
-                hidden = kw["hidden_states"]
-            else:
-                kw = dict(kwargs)
-                hidden = args[0] if args else kw["hidden_states"]
-            batch = hidden.shape[0]
-            if proxy:
-                keys, values = self._kv[index]
-                if keys.requires_grad and not torch.is_grad_enabled():
-                    self._reentrant.add(index)  # a reentrant checkpoint's no-grad forward
-                elif index in self._reentrant:
-                    # Its recomputation inside backward backpropagates each layer on
-                    # its own: give the layer its own graph to the prefix parameters
-                    # instead of sharing (and freeing) the one built for the call.
-                    keys, values = self._build(batch)[1][index]
-                name = site.cache_arg
-                assert name is not None  # checked at attach
-                cache = read_cache(kw, name)
-                if cache is None:
-                    kw[name] = self._handed[index] = PrefixedKV(keys, values)
-                else:  # a cache the model made inside its forward: keep the prefix in it
-                    dtype = cached_dtype(hidden.dtype, hidden.device)
-                    self._write(cache, site, keys, values, batch, dtype)
-                    kw[name] = cache
-                    if index in self._adopting:
-                        self._adopting.discard(index)
-                        kw[name] = _AdoptsDtypes(cache, site.role)
-                    self._handed[index] = _GrowsPast(layer_cache(cache, site.role), site.layer)
-                    if site.window is not None:
-                        kw[name] = self._handed[index] = StoredPrefixedKV(cache, keys, values)
-            mask_name = site.mask_arg
-            assert mask_name is not None  # checked at attach
-            mask = kw.get(mask_name)
-            # Layers of one role share a mask; sliding-window layers share theirs.
-            window = site.window
+    def attention_pre(
+        self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs
+    ) -> Any:
+        """An attention site's pre-hook: in proxy mode its cache argument becomes
+        ``[prefix ; keys]`` and its mask gets the prefix's columns."""
+        site = self.sites[index]
+        call = self._running(self.sites[index].role)
+        rows = call.rows if call is not None else None
+        if call is None or rows is None:
+            return None
+        adopting = index in call.adopting  # the prefill call of a fixed-size cache
+        if adopting:
+            call.adopting.discard(index)
+            assert site.cache_arg is not None  # checked at attach
+            cache = _AdoptsDtypes(read_cache(kwargs, site.cache_arg), site.role)
+            kwargs = {**kwargs, site.cache_arg: cache}
+        proxy = site.role in call.proxy
+        if not proxy and not (site.role == "cross" and call.cross_count):
+            # Decode steps end here: the call's arguments stay as they came.
+            return (args, kwargs) if adopting else None
+        if len(args) > 1:
+            kw, args = bind_kwargs(module, args, kwargs), ()
+            hidden = kw["hidden_states"]
+        else:
+            kw = dict(kwargs)
+            hidden = args[0] if args else kw["hidden_states"]
+        batch = hidden.shape[0]
+        if proxy:
+            keys, values = call.kv[index]
+            if keys.requires_grad and not torch.is_grad_enabled():
+                call.reentrant.add(index)  # a reentrant checkpoint's no-grad forward
+            elif index in call.reentrant:
+                # Its recomputation inside backward backpropagates each layer on
+                # its own: give the layer its own graph to the prefix parameters
+                # instead of sharing (and freeing) the one built for the call.
+                keys, values = self._build(batch)[1][index]
+            name = site.cache_arg
+            assert name is not None  # checked at attach
+            cache = read_cache(kw, name)
+            if cache is None:
+                kw[name] = call.handed[index] = PrefixedKV(keys, values)
+            else:  # a cache the model made inside its forward: keep the prefix in it
+                dtype = cached_dtype(hidden.dtype, hidden.device)
+                self._write(call, cache, site, keys, values, batch, dtype)
+                kw[name] = cache
+                if index in call.adopting:
+                    call.adopting.discard(index)
+                    kw[name] = _AdoptsDtypes(cache, site.role)
+                call.handed[index] = _GrowsPast(layer_cache(cache, site.role), site.layer)
+                if site.window is not None:
+                    kw[name] = call.handed[index] = StoredPrefixedKV(cache, keys, values)
+        mask_name = site.mask_arg
+        assert mask_name is not None  # checked at attach
+        mask = kw.get(mask_name)
+        # Layers of one role share a mask; sliding-window layers share theirs.
+        window = site.window
+        if window is None:
+            seen = call.padded.get(site.role)
+        else:
+            seen = call.windowed.get((site.role, window))
+        if seen is not None and seen[0] is mask:
+            kw[mask_name] = seen[1]
+        else:
+            causal = site.causal and site.role != "cross"
+            padded = pad_mask(
+                mask, rows, hidden.shape[1], causal, hidden.dtype, hidden.device, window
+            )
             if window is None:
-                seen = self._padded.get(site.role)
+                call.padded[site.role] = (mask, padded)
             else:
-                seen = self._windowed.get((site.role, window))
-            if seen is not None and seen[0] is mask:
-                kw[mask_name] = seen[1]
-            else:
-                causal = site.causal and site.role != "cross"
-                padded = pad_mask(
-                    mask, rows, hidden.shape[1], causal, hidden.dtype, hidden.device, window
-                )
-                if window is None:
-                    self._padded[site.role] = (mask, padded)
-                else:
-                    self._windowed[(site.role, window)] = (mask, padded)
-                kw[mask_name] = padded
-            return args, kw
-
-        return attention_pre
+                call.windowed[(site.role, window)] = (mask, padded)
+            kw[mask_name] = padded
+        return args, kw
 
     # -- attention that takes no cache: through the key/value projections -------
 
@@ -601,102 +622,116 @@ class PrefixHooks:
                 f"attention site at layer {site.layer} has prefix_in='projections' but no "
                 "key_proj / value_proj module"
             )
-        # This call's prefix keys and values while the module runs; empty otherwise.
-        armed: dict[str, Any] = {}
-
-        def attention_pre(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-            armed.clear()
-            rows = self._rows
-            if rows is None:
-                return None
-            if site.role not in self._proxy:
-                raise TypeError(
-                    f"{type(module).__name__} takes no key/value cache, so a prefix cannot "
-                    "be given as a past: call the model without past_key_values"
-                )
-            if len(args) > 1:
-                kw, args = bind_kwargs(module, args, kwargs), ()
-            else:
-                kw = dict(kwargs)
-            hidden = args[0] if args else kw["hidden_states"]
-            width = rows.width
-            zeros = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
-            extended = torch.cat([zeros, hidden], dim=1)
-            if args:
-                args = (extended,)
-            else:
-                kw["hidden_states"] = extended
-            armed["kv"] = self._proxy_kv(index, hidden.shape[0])
-            armed["width"] = width
-            armed["projected"] = 0
-            mask_name = site.mask_arg
-            assert mask_name is not None  # checked at attach
-            mask = kw.get(mask_name)
-            seen = self._padded.get(site.role)
-            if seen is not None and seen[0] is mask:  # every layer gets the same mask
-                kw[mask_name] = seen[1]
-                return args, kw
-            padded = pad_mask(mask, rows, hidden.shape[1], site.causal, hidden.dtype, hidden.device)
-            if padded is not None and padded.shape[-2] != 1:  # one mask row per query
-                attend = True if padded.dtype == torch.bool else 0.0
-                front = padded.new_full((*padded.shape[:-2], width, padded.shape[-1]), attend)
-                padded = torch.cat([front, padded], dim=-2)
-            self._padded[site.role] = (mask, padded)
-            kw[mask_name] = padded
-            return args, kw
-
-        def projected(part: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], Any]:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-                if "kv" not in armed:
-                    return None
-                width = armed["width"]
-                armed["projected"] += 1
-                b, length = output.shape[0], output.shape[1] - width
-                real = output[:, width:].view(b, length, site.num_kv_heads, site.head_dim)
-                joined = prefix_concat(armed["kv"][part], real.transpose(1, 2))
-                return joined.transpose(1, 2).reshape(b, width + length, -1)
-
-            return hook
-
-        def attention_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if "kv" not in armed:
-                return None
-            width, projected = armed["width"], armed["projected"]
-            armed.clear()
-            if projected != 2:
-                raise not_applied(
-                    self.located,
-                    module,
-                    f"the prefix reached {projected} of its key and value projections",
-                    f"{type(module).__name__} to run its key and value projections "
-                    "once each per call",
-                )
-            if isinstance(output, tuple):  # (attention output, weights or None)
-                weights = output[1] if len(output) > 1 else None
-                if isinstance(weights, torch.Tensor):  # (B, H, queries, keys): drop queries
-                    weights = weights[:, :, width:]
-                return (output[0][:, width:], weights, *output[2:])
-            return output[:, width:]
-
         handles = self._handles
-        handles.append(site.module.register_forward_pre_hook(attention_pre, with_kwargs=True))
-        handles.append(key_proj.register_forward_hook(projected(0)))
-        handles.append(value_proj.register_forward_hook(projected(1)))
+        pre = functools.partial(self.projection_site_pre, index)
+        handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(key_proj.register_forward_hook(functools.partial(self.projected, index, 0)))
+        handles.append(
+            value_proj.register_forward_hook(functools.partial(self.projected, index, 1))
+        )
         # before transformers' own output recorders (``output_attentions``)
-        handles.append(site.module.register_forward_hook(attention_post, prepend=True))
+        post = functools.partial(self.projection_site_post, index)
+        handles.append(site.module.register_forward_hook(post, prepend=True))
 
-    def _proxy_kv(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def projection_site_pre(
+        self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs
+    ) -> Any:
+        site = self.sites[index]
+        call = self._running(self.sites[index].role)
+        if call is None:
+            return None
+        call.armed.pop(index, None)
+        rows = call.rows
+        if rows is None:
+            return None
+        if site.role not in call.proxy:
+            raise TypeError(
+                f"{type(module).__name__} takes no key/value cache, so a prefix cannot "
+                "be given as a past: call the model without past_key_values"
+            )
+        if len(args) > 1:
+            kw, args = bind_kwargs(module, args, kwargs), ()
+        else:
+            kw = dict(kwargs)
+        hidden = args[0] if args else kw["hidden_states"]
+        width = rows.width
+        zeros = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+        extended = torch.cat([zeros, hidden], dim=1)
+        if args:
+            args = (extended,)
+        else:
+            kw["hidden_states"] = extended
+        kv = self._proxy_kv(call, index, hidden.shape[0])
+        call.armed[index] = {"kv": kv, "width": width, "projected": 0}
+        mask_name = site.mask_arg
+        assert mask_name is not None  # checked at attach
+        mask = kw.get(mask_name)
+        seen = call.padded.get(site.role)
+        if seen is not None and seen[0] is mask:  # every layer gets the same mask
+            kw[mask_name] = seen[1]
+            return args, kw
+        padded = pad_mask(mask, rows, hidden.shape[1], site.causal, hidden.dtype, hidden.device)
+        if padded is not None and padded.shape[-2] != 1:  # one mask row per query
+            attend = True if padded.dtype == torch.bool else 0.0
+            front = padded.new_full((*padded.shape[:-2], width, padded.shape[-1]), attend)
+            padded = torch.cat([front, padded], dim=-2)
+        call.padded[site.role] = (mask, padded)
+        kw[mask_name] = padded
+        return args, kw
+
+    def projected(
+        self, index: int, part: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> Any:
+        """A key (``part`` 0) or value (1) projection's output: the prefix in its leading rows."""
+        call = self._running(self.sites[index].role)
+        armed = call.armed.get(index) if call is not None else None
+        if armed is None:
+            return None
+        site = self.sites[index]
+        width = armed["width"]
+        armed["projected"] += 1
+        b, length = output.shape[0], output.shape[1] - width
+        real = output[:, width:].view(b, length, site.num_kv_heads, site.head_dim)
+        joined = prefix_concat(armed["kv"][part], real.transpose(1, 2))
+        return joined.transpose(1, 2).reshape(b, width + length, -1)
+
+    def projection_site_post(
+        self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> Any:
+        call = self._running(self.sites[index].role)
+        armed = call.armed.pop(index, None) if call is not None else None
+        if armed is None:
+            return None
+        width, projected = armed["width"], armed["projected"]
+        if projected != 2:
+            raise not_applied(
+                self.located,
+                module,
+                f"the prefix reached {projected} of its key and value projections",
+                f"{type(module).__name__} to run its key and value projections once each per call",
+            )
+        if isinstance(output, tuple):  # (attention output, weights or None)
+            weights = output[1] if len(output) > 1 else None
+            if isinstance(weights, torch.Tensor):  # (B, H, queries, keys): drop queries
+                weights = weights[:, :, width:]
+            return (output[0][:, width:], weights, *output[2:])
+        return output[:, width:]
+
+    def _proxy_kv(
+        self, call: PrefixCall, index: int, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Site ``index``'s prefix keys and values for a proxy-mode module call
-        (see the reentrant-checkpoint note in ``_attention_hook``)."""
-        keys, values = self._kv[index]
+        (see the reentrant-checkpoint note in ``attention_pre``)."""
+        keys, values = call.kv[index]
         if keys.requires_grad and not torch.is_grad_enabled():
-            self._reentrant.add(index)
-        elif index in self._reentrant:
+            call.reentrant.add(index)
+        elif index in call.reentrant:
             keys, values = self._build(batch)[1][index]
         return keys, values
 
     def _write(
         self,
+        call: PrefixCall,
         cache: Any,
         site: AttentionSite,
         keys: torch.Tensor,
@@ -711,15 +746,15 @@ class PrefixHooks:
             raise RuntimeError(
                 f"prefix: layer {site.layer}'s cache is not empty at the start of a sequence"
             )
-        assert self._rows is not None
+        assert call.rows is not None
         # (Encoder-decoder caches are not wrapped: modules test their class. T5's and
         # BART's keys and values share one dtype anyway: no rotary embedding.)
-        if make_room(target, site.layer, self._rows.width) and target is cache:
-            self._adopting.add(self.sites.index(site))
+        if make_room(target, site.layer, call.rows.width) and target is cache:
+            call.adopting.add(self.sites.index(site))
         k = _batched(keys, batch, dtype).contiguous()
         v = _batched(values, batch, dtype).contiguous()
         target.update(k, v, site.layer)
-        self.prefixed[cache] = self._rows
+        remember(cache, "prefix", call.rows)
 
 
 class _AdoptsDtypes:

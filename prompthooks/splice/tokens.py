@@ -23,7 +23,6 @@ One forward call of a prompted model goes through these, in order:
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,8 @@ from ..kernels import splice_tokens
 from ..locators.base import Located
 from ..locators.conventions import read_cache
 from .bank import PromptBank
-from .caches import make_room_everywhere
+from .caches import make_room_everywhere, prefix_width, recall, remember
+from .calls import Frames
 from .checks import not_applied
 from .layout import (
     insert,
@@ -132,10 +132,28 @@ class Mixed:
     fill: torch.Tensor  # (B, width) virtual ids, 0 beyond a row's count
     width: int
     pad_front: bool
+    names: list[str]  # the token prompts the rows use, in id order
+
+
+@dataclass
+class TokenCall:
+    """What one call's token hooks hand each other (see ``calls``)."""
+
+    insertion: Insertion | None = None
+    # ``model_pre`` lengthened per-token labels: the head's loss needs the
+    # long outputs, so they are stripped after the head, not before it.
+    labels_lengthened: bool = False
+    embed_ids: torch.Tensor | None = None
+    # Set by ``stack_pre``, which knows whether the ids hold virtual tokens,
+    # so ``embed_pre`` need not look (a host sync). None: not known.
+    ids_hold_virtual: bool | None = None
+    # The token prompts the call's ids use, in id order (None: not known).
+    table_names: list[str] | None = None
 
 
 class SoftPromptHooks:
-    """The hook functions for one attachment, sharing its per-call state."""
+    """The hook functions for one attachment. They keep no state between calls:
+    each call's lives in its frame (``calls``); what a cache holds, on the cache."""
 
     def __init__(self, located: Located, bank: PromptBank, strip_outputs: bool) -> None:
         self.located = located
@@ -143,18 +161,15 @@ class SoftPromptHooks:
         self.strip_outputs = strip_outputs
         self.vocab_size = located.vocab_size
         self.stack_takes_positions = located.call_names(located.input_stack).positions is not None
-        self._insertion: Insertion | None = None
-        # ``model_pre`` lengthened per-token labels: the head's loss needs the
-        # long outputs, so they are stripped after the head, not before it.
-        self._labels_lengthened = False
-        self._embed_ids: torch.Tensor | None = None
-        # Set by ``stack_pre``, which knows whether the ids hold virtual tokens,
-        # so ``embed_pre`` need not look (a host sync). None: not known.
-        self._ids_hold_virtual: bool | None = None
-        # Virtual tokens inserted into the sequence that each live cache holds,
-        # so decode steps know how far to shift masks and positions.
-        self._inserted: weakref.WeakKeyDictionary[Any, int | Mixed] = weakref.WeakKeyDictionary()
+        self.frames: Frames[TokenCall] = Frames()
         self._handles: list[RemovableHandle] = []
+
+    def _call(self, opener: str) -> TokenCall:
+        """The running call's state; a hook that runs outside one opens a frame."""
+        frame = self.frames.current()
+        if frame is None:
+            frame = self.frames.open(opener, TokenCall())
+        return frame.state
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -165,19 +180,19 @@ class SoftPromptHooks:
         loc = self.located
         # One handle at a time: a registration that fails leaves the earlier
         # ones in ``_handles``, so ``remove`` undoes a partial install.
+        # Post-hooks that close a frame run also when the forward raises.
         handles = self._handles
         handles.append(loc.input_stack.register_forward_pre_hook(self.stack_pre, with_kwargs=True))
         handles.append(loc.embedding.register_forward_pre_hook(self.embed_pre))
-        handles.append(loc.embedding.register_forward_hook(self.embed_post))
-        handles.append(loc.input_stack.register_forward_hook(self.stack_post))
+        handles.append(loc.embedding.register_forward_hook(self.embed_post, always_call=True))
+        handles.append(loc.input_stack.register_forward_hook(self.stack_post, always_call=True))
         if loc.model is not loc.input_stack:
             handles.append(loc.model.register_forward_pre_hook(self.model_pre, with_kwargs=True))
+            handles.append(loc.model.register_forward_hook(self.model_post, always_call=True))
         for reader in loc.encoder_mask_readers:
             handles.append(
                 reader.register_forward_pre_hook(self.encoder_mask_pre, with_kwargs=True)
             )
-        if self.strip_outputs:
-            handles.append(loc.model.register_forward_hook(self.strip_post))
 
     # -- deciding what a call needs ------------------------------------------------
 
@@ -234,7 +249,7 @@ class SoftPromptHooks:
         # Pad slots go where the model's own padding goes: in front for decoder-only
         # models (generation appends at the end), at the end for encoders.
         pad_front = not (self.located.is_encoder_decoder or self.located.cls_first)
-        return Mixed(counts, fill, width, pad_front)
+        return Mixed(counts, fill, width, pad_front, self.bank.token_names(rows))
 
     def _check_length(self, length: int) -> None:
         limit = self.located.max_positions
@@ -248,10 +263,9 @@ class SoftPromptHooks:
     # -- hooks ---------------------------------------------------------------------
 
     def model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        # Forget insertions from calls outside this one (``generate`` runs the
-        # T5 encoder on its own), so ``strip_post`` only undoes this call's.
-        self._insertion = None
-        self._labels_lengthened = False
+        # The call's frame: the stack and embedding hooks inside fill it, and
+        # ``model_post`` undoes this call's insertion only.
+        call = self.frames.open("model", TokenCall()).state
         if self.located.is_encoder_decoder or not self._tokens_active():
             return None  # labels belong to the decoder, or no tokens are inserted
         kw = bind_kwargs(module, args, kwargs)
@@ -269,12 +283,12 @@ class SoftPromptHooks:
             labels = self._keep_targets(labels, at, mixed.counts)
             fill = torch.full_like(mixed.fill, -100)
             kw["labels"] = insert_per_row(labels, at, mixed.counts, fill, -100, mixed.pad_front)
-            self._labels_lengthened = True
+            call.labels_lengthened = True
             return (), kw
         count = self.bank.prompts[name].num_virtual_tokens
         labels = self._keep_targets(labels, at, None)
         kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
-        self._labels_lengthened = True
+        call.labels_lengthened = True
         return (), kw
 
     def _keep_targets(
@@ -294,11 +308,17 @@ class SoftPromptHooks:
         return torch.cat([column, labels[:, 1:]], dim=1)
 
     def stack_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
+        # Inside the model's call the stack fills the model's frame; called on
+        # its own (``generate`` runs the T5 encoder so) it opens its own.
+        frame = self.frames.current()
+        if frame is None or frame.opener != "model":
+            frame = self.frames.open("stack", TokenCall())
+        call = frame.state
         kw = bind_kwargs(module, args, kwargs)
-        self._insertion = None
-        self._ids_hold_virtual = None
+        call.insertion = None
+        call.ids_hold_virtual = None
         if not self._tokens_active():
-            self._ids_hold_virtual = False  # ids the embedding cannot look up fail there
+            call.ids_hold_virtual = False  # ids the embedding cannot look up fail there
             return None
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
@@ -309,11 +329,13 @@ class SoftPromptHooks:
         if past > 0:
             return self._continue(kw, cache, past, x.shape[1])
         plan = self._fresh_insertion(kw, past)
-        self._ids_hold_virtual = ids is not None  # inserted now, or placed by the user
+        call.ids_hold_virtual = ids is not None  # inserted now, or placed by the user
         if plan is None:  # template: ids already in place
+            if ids is not None and not torch.compiler.is_compiling():
+                call.table_names = self.bank.names_of_ids(ids)
             self._check_length(x.shape[1])
             if cache is not None:
-                self._inserted[cache] = 0
+                remember(cache, "inserted", 0)
             mask = kw.get("attention_mask")
             if kw.get("position_ids") is None and mask is not None and self.stack_takes_positions:
                 # padding changes nothing
@@ -323,10 +345,11 @@ class SoftPromptHooks:
         name, at = plan
         mixed = self._mixed(x.shape[0], x.device)
         if mixed is not None:
-            return self._insert_mixed(kw, x, at, mixed, cache)
+            return self._insert_mixed(call, kw, x, at, mixed, cache)
         prompt = self.bank.prompts[name]
         count = prompt.num_virtual_tokens
         self._check_length(x.shape[1] + count)
+        call.table_names = [name]
         if ids is not None:
             kw["input_ids"] = insert(ids, at, self.bank.virtual_ids_tensor(name, ids.device))
         else:
@@ -354,23 +377,31 @@ class SoftPromptHooks:
             labels = self._keep_targets(labels, at, None)
             kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
         if cache is not None:
-            self._inserted[cache] = count
+            remember(cache, "inserted", count)
         at_front = not self.located.cls_first and (mask is None or self._all_zero(at))
-        self._insertion = Insertion(at, count, x.shape[1] + count, at_front)
+        call.insertion = Insertion(at, count, x.shape[1] + count, at_front)
         return (), kw
 
     def _insert_mixed(
-        self, kw: Kwargs, x: torch.Tensor, at: torch.Tensor, mixed: Mixed, cache: Any
+        self,
+        call: TokenCall,
+        kw: Kwargs,
+        x: torch.Tensor,
+        at: torch.Tensor,
+        mixed: Mixed,
+        cache: Any,
     ) -> Any:
         """``stack_pre`` for a mixed batch: each row gets its own prompt."""
         self._check_length(x.shape[1] + mixed.width)
         counts, width, front = mixed.counts, mixed.width, mixed.pad_front
+        call.table_names = mixed.names
         if kw.get("input_ids") is not None:
             kw["input_ids"] = insert_per_row(x, at, counts, mixed.fill, 0, front)
         else:
-            table = self.bank.table()  # picked in at least fp32: gradients add up there
+            fill, table = self.bank.lookup(mixed.fill, mixed.names)
+            # picked in at least fp32: gradients add up there
             table = table.to(torch.promote_types(table.dtype, torch.float32))
-            vectors = table[(mixed.fill - self.vocab_size).clamp(min=0)]
+            vectors = table[(fill - self.vocab_size).clamp(min=0)]
             kw["inputs_embeds"] = insert_per_row(x, at, counts, vectors, 0.0, front)
         mask = kw.get("attention_mask")
         if mask is None:
@@ -397,8 +428,8 @@ class SoftPromptHooks:
             fill = torch.full_like(mixed.fill, -100)
             kw["labels"] = insert_per_row(labels, at, counts, fill, -100, front)
         if cache is not None:
-            self._inserted[cache] = mixed
-        self._insertion = Insertion(at, width, x.shape[1] + width, False, mixed)
+            remember(cache, "inserted", mixed)
+        call.insertion = Insertion(at, width, x.shape[1] + width, False, mixed)
         return (), kw
 
     @staticmethod
@@ -416,7 +447,7 @@ class SoftPromptHooks:
         """A decode step: the cache holds the prompt; shift mask and positions to match."""
         self._check_length(past + new)
         mask = kw.get("attention_mask")
-        count = self._inserted.get(cache)
+        count = recall(cache, "inserted")
         if isinstance(count, Mixed):
             return self._continue_mixed(kw, count, past, new, cache)
         if count is None:  # a cache we did not fill: trust the mask's length
@@ -443,7 +474,7 @@ class SoftPromptHooks:
         self, kw: Kwargs, mixed: Mixed, past: int, new: int, cache: Any = None
     ) -> Any:
         mask = kw.get("attention_mask")
-        user = past + new - mixed.width - self.bank.prefix_width(cache)
+        user = past + new - mixed.width - prefix_width(cache)
         if mask is None:  # generate drops an all-ones mask; the pad slots must stay masked
             counts = mixed.counts  # (B,)
             mask = torch.ones(counts.shape[0], user, dtype=torch.long, device=counts.device)
@@ -464,23 +495,33 @@ class SoftPromptHooks:
         return (), kw
 
     def embed_pre(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        call = self._call("embedding")  # called on its own: a frame of its own
         ids = args[0]
-        holds, self._ids_hold_virtual = self._ids_hold_virtual, None
+        holds, call.ids_hold_virtual = call.ids_hold_virtual, None
         if holds is None:  # the embedding was called on its own, not through the stack
             # A compiled graph cannot look; ids it cannot look up fail in the embedding.
             holds = not torch.compiler.is_compiling() and bool((ids >= self.vocab_size).any())
         if not holds:
-            self._embed_ids = None
+            call.embed_ids = None
             return None
         virtual = ids >= self.vocab_size
-        self._embed_ids = ids
+        call.embed_ids = ids
         return (ids.masked_fill(virtual, 0), *args[1:])
 
-    def embed_post(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-        ids, self._embed_ids = self._embed_ids, None
-        if ids is None:
+    def embed_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        frame = self.frames.current()
+        if frame is None:
             return None
-        return splice_tokens(output, ids, self.bank.table(), self.vocab_size)
+        call = frame.state
+        ids, call.embed_ids = call.embed_ids, None
+        self.frames.close("embedding")
+        if ids is None or output is None:
+            return None
+        names = call.table_names
+        if names is None and not torch.compiler.is_compiling():  # ids the stack did not place
+            names = self.bank.names_of_ids(ids)
+        ids, table = self.bank.lookup(ids, names)
+        return splice_tokens(output, ids, table, self.vocab_size)
 
     def encoder_mask_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
         kw = bind_kwargs(module, args, kwargs)
@@ -499,28 +540,44 @@ class SoftPromptHooks:
     def stack_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         """Check that the embedding looked up the ids the stack was given, then
         strip the input stack's outputs before the head reads them, unless the
-        head computes a per-token loss from lengthened labels (``strip_post``
-        strips after it then) or the stack's outputs are the model's own or an
-        encoder's (a decoder reads them). ``strip_post`` finds nothing left."""
-        if self._ids_hold_virtual:  # set by ``stack_pre``, taken by ``embed_pre``
-            self._ids_hold_virtual = None
-            raise not_applied(
-                self.located,
-                self.located.embedding,
-                "the prompt's virtual ids never reached the token embedding",
-                f"{type(module).__name__} to look its input_ids up in "
-                f"{type(self.located.embedding).__name__}",
-            )
-        loc = self.located
-        if not self.strip_outputs or loc.is_encoder_decoder or loc.model is loc.input_stack:
+        head computes a per-token loss from lengthened labels (``model_post``
+        strips after it then) or the stack's outputs are an encoder's (a
+        decoder reads them). ``model_post`` finds nothing left. Closes the
+        stack's frame if it opened one."""
+        frame = self.frames.current()
+        if frame is None:
             return None
-        lengthened, self._labels_lengthened = self._labels_lengthened, False
-        if lengthened:
-            return None
-        return self.strip_post(module, args, output)
+        try:
+            call = frame.state
+            if output is None:  # the forward raised; the frame just closes
+                return None
+            if call.ids_hold_virtual:  # set by ``stack_pre``, taken by ``embed_pre``
+                call.ids_hold_virtual = None
+                raise not_applied(
+                    self.located,
+                    self.located.embedding,
+                    "the prompt's virtual ids never reached the token embedding",
+                    f"{type(module).__name__} to look its input_ids up in "
+                    f"{type(self.located.embedding).__name__}",
+                )
+            loc = self.located
+            if not self.strip_outputs or loc.is_encoder_decoder:
+                return None
+            if frame.opener == "model" and call.labels_lengthened:
+                return None
+            return self._strip(call, output)
+        finally:
+            self.frames.close("stack")
 
-    def strip_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        ins, self._insertion = self._insertion, None
+    def model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        frame = self.frames.close("model")
+        if frame is None or output is None or not self.strip_outputs:
+            return None
+        return self._strip(frame.state, output)
+
+    def _strip(self, call: TokenCall, output: Any) -> Any:
+        """Take the call's virtual positions out of per-position outputs (once)."""
+        ins, call.insertion = call.insertion, None
         if ins is None:
             return None
         if isinstance(output, dict):  # transformers' ModelOutput
