@@ -1,6 +1,8 @@
 """Hooks that put soft prompts into a model's input and take them out of its output.
 
-One forward call of a prompted model goes through these, in order:
+One forward call of a prompted model goes through these, in order. The first
+one opens the call's frame (``calls``), which the others fill and read; the
+hook objects keep nothing between calls.
 
 1. ``model_pre`` on the user-facing model: token labels get ``-100`` where
    the virtual tokens will be (the loss never scores a virtual token).
@@ -9,10 +11,10 @@ One forward call of a prompted model goes through these, in order:
    positions and token types are lengthened to match. On a decode step (the
    cache already holds the prompt) only the mask and positions are adjusted.
 3. ``embed_pre`` / ``embed_post`` on the token embedding: virtual ids are
-   looked up in the prompt table instead of the vocabulary.
+   looked up in a table of the prompts the call uses instead of the vocabulary.
 4. ``encoder_mask_pre`` on decoders that read the encoder output (T5): their
    ``encoder_attention_mask`` is widened to the prompted encoder length.
-5. ``strip_post`` on the user-facing model: virtual positions are removed from
+5. ``model_post`` on the user-facing model: virtual positions are removed from
    per-position outputs, so the user sees their own sequence length. When no
    per-token labels were lengthened, a decoder-only model's input stack
    strips its own outputs instead (``stack_post``), so heads that index them
@@ -114,7 +116,7 @@ def cache_length(cache: Any, layer: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class Insertion:
-    """Where one call's virtual tokens went: what ``strip_post`` undoes."""
+    """Where one call's virtual tokens went: what ``model_post`` undoes."""
 
     at: torch.Tensor  # (B,) first virtual position of each row
     count: int  # positions added to every row
