@@ -247,3 +247,28 @@ def test_a_copys_selection_is_its_own() -> None:
     with att.use("prompt"):
         assert torch.equal(_outputs(model, "llama"), copied)
     att.detach()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_an_unpickled_copy_trains_with_gradient_checkpointing(reentrant: bool) -> None:
+    """Checkpointed layers run again in ``backward``, after the call: a copy must
+    find its own call's plan there (oracle: the original without checkpointing)."""
+    model = tiny("llama").train()
+    ids, mask = batch("llama", [6, 3, 5], seed=2)
+    kw = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    att = ph.attach(model, ph.PrefixTuning(2, hidden_size=16))
+    loss = model(**kw).loss
+    loss.backward()
+    expected = [p.grad.clone() for p in att.parameters() if p.grad is not None]
+    att.prompts.zero_grad()
+    twin = pickle.loads(pickle.dumps(model))
+    twin.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    twin_loss = twin(**kw).loss
+    twin_loss.backward()
+    got = [p.grad for p in ph.attachment(twin).parameters() if p.grad is not None]
+    torch.testing.assert_close(twin_loss, loss, atol=1e-6, rtol=0)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    att.detach()

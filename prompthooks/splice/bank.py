@@ -102,12 +102,13 @@ class PromptBank:
         return torch.arange(start, start + self.prompts[name].num_virtual_tokens, device=device)
 
     def selection(self) -> str | tuple[str, ...]:
-        if self.selected is None:
+        selected = self._choice()[0]
+        if selected is None:
             raise RuntimeError(
                 f"several prompts are attached ({', '.join(self.prompts)}) and none is selected: "
                 "wrap the call in `with att.use('name'):`"
             )
-        return self.selected
+        return selected
 
     def active(self) -> str:
         """The one prompt of the batch; for a mixed batch, its first row's (all
@@ -118,8 +119,9 @@ class PromptBank:
     def selects(self, kind: str) -> bool:
         """Some row of the batch uses a prompt of this kind (``tokens`` or ``prefix``)."""
         selection = self.selection()
-        names = (selection,) if isinstance(selection, str) else selection
-        return any(self.prompts[n].kind == kind for n in names)
+        if isinstance(selection, str):  # one prompt (every decode step reads this)
+            return bool(self.prompts[selection].kind == kind)
+        return any(self.prompts[n].kind == kind for n in selection)
 
     def per_row(self, batch: int) -> tuple[str, ...] | None:
         """The prompt of each of ``batch`` rows for a mixed batch, else ``None``.

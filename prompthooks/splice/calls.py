@@ -34,6 +34,7 @@ S = TypeVar("S")
 
 
 def _stack() -> tuple[Any, ...]:
+    """The running thread's open frames, innermost last."""
     stack: tuple[Any, ...] = getattr(_LOCAL, "frames", ())
     return stack
 
@@ -60,37 +61,57 @@ class Frames(Generic[S]):
     def __init__(self) -> None:
         # (thread ident, opener) -> frame, and opener -> the last frame
         self._recompute: dict[tuple[int, str], Frame[S]] = {}
-        self._recompute_last: dict[str, Frame[S]] = {}
+        self.kept: dict[str, Frame[S]] = {}  # opener -> the last kept frame
+        # Open frames whose inner hooks have work to do, in any thread. Empty (the
+        # usual case on a decode step), hooks that only serve such frames return
+        # at once, without looking for their frame. ``set.add``/``discard`` are
+        # atomic, so threads need no lock; a nonempty set only means "look".
+        self.busy: set[Frame[S]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}
+        # Not empty: pickle skips ``__setstate__`` for a false state.
+        return {"frames": "dropped"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
 
     def current(self) -> Frame[S] | None:
         """This set's innermost open frame in the running thread."""
-        for frame in reversed(_stack()):
+        stack: tuple[Frame[S], ...] = getattr(_LOCAL, "frames", ())
+        if stack and stack[-1].owner is self:  # the usual case: the innermost of all
+            return stack[-1]
+        for frame in reversed(stack):
             if frame.owner is self:
-                return frame  # type: ignore[no-any-return]
+                return frame
         return None
 
     def open(self, opener: str, state: S) -> Frame[S]:
         frame = Frame(self, opener, state)
-        _LOCAL.frames = (*_stack(), frame)
+        _LOCAL.frames = (*getattr(_LOCAL, "frames", ()), frame)
         return frame
 
     def close(self, opener: str) -> Frame[S] | None:
-        """Close this set's innermost frame if ``opener`` opened it."""
-        stack = _stack()
-        for i in range(len(stack) - 1, -1, -1):
-            frame = stack[i]
-            if frame.owner is self:
-                if frame.opener != opener:
-                    return None
-                _LOCAL.frames = stack[:i] + stack[i + 1 :]
-                return frame  # type: ignore[no-any-return]
-        return None
+        """Close this set's innermost frame if ``opener`` opened it; returns it."""
+        stack: tuple[Frame[S], ...] = getattr(_LOCAL, "frames", ())
+        if stack and stack[-1].owner is self:  # the usual case: the innermost of all
+            frame = stack[-1]
+            if frame.opener != opener:
+                return None
+            _LOCAL.frames = stack[:-1]
+            return frame
+        inner = self.current()
+        if inner is None or inner.opener != opener:
+            return None
+        self.remove(inner)
+        return inner
+
+    def remove(self, frame: Frame[S]) -> None:
+        """Take ``frame`` off the running thread's stack (usually its top)."""
+        stack: tuple[Frame[S], ...] = getattr(_LOCAL, "frames", ())
+        if stack and stack[-1] is frame:
+            _LOCAL.frames = stack[:-1]
+        else:
+            _LOCAL.frames = tuple(f for f in stack if f is not frame)
 
     def keep_for_recompute(self, frame: Frame[S]) -> None:
         """A checkpointed training call's frame, for its layers' second run.
@@ -98,7 +119,13 @@ class Frames(Generic[S]):
         if torch.compiler.is_compiling():
             return
         self._recompute[(threading.get_ident(), frame.opener)] = frame
-        self._recompute_last[frame.opener] = frame
+        self.kept[frame.opener] = frame
+
+    def idle(self) -> bool:
+        """No open frame has work for inner hooks, and no checkpointed call was
+        kept for a recomputation: a hook that serves only those returns at once.
+        Two attribute reads: it runs in every attention layer of every decode step."""
+        return not self.busy and not self.kept
 
     def for_recompute(self, opener: str) -> Frame[S] | None:
         """The frame a hook running outside any call reads: during a backward
@@ -108,4 +135,4 @@ class Frames(Generic[S]):
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             return None
         mine = self._recompute.get((threading.get_ident(), opener))
-        return mine if mine is not None else self._recompute_last.get(opener)
+        return mine if mine is not None else self.kept.get(opener)

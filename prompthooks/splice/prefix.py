@@ -325,20 +325,35 @@ class PrefixHooks:
     def _expected_width(self) -> int | None:
         """Prefix width of the current selection, or None when it is not a prefix."""
         selection = self.bank.selection()
-        names = (selection,) if isinstance(selection, str) else selection
-        prompts = [self.bank.prompts[n] for n in names]
+        if isinstance(selection, str):  # one prompt (every decode step reads this)
+            prompt = self.bank.prompts[selection]
+            return prompt.num_virtual_tokens if isinstance(prompt, Prefix) else None
+        prompts = [self.bank.prompts[n] for n in selection]
         widths = [p.num_virtual_tokens for p in prompts if isinstance(p, Prefix)]
         return max(widths) if widths else None
 
     # -- stacks ----------------------------------------------------------------
 
     def input_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        call = self.frames.open("input", PrefixCall()).state
-        return self._stack_pre(call, module, args, kwargs, INPUT_SIDE)
+        return self._open_stack(module, args, kwargs, "input", INPUT_SIDE)
 
     def decoder_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        call = self.frames.open("decoder", PrefixCall()).state
-        return self._stack_pre(call, module, args, kwargs, DECODER_SIDE)
+        return self._open_stack(module, args, kwargs, "decoder", DECODER_SIDE)
+
+    def _open_stack(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Kwargs,
+        opener: str,
+        roles: frozenset[Role],
+    ) -> Any:
+        frame = self.frames.open(opener, PrefixCall())
+        call = frame.state
+        result = self._stack_pre(call, module, args, kwargs, roles)
+        if call.rows is not None and (call.proxy or call.cross_count or call.adopting):
+            self.frames.busy.add(frame)  # the attention hooks have work this call
+        return result
 
     def input_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._stack_post(module, output, "input", INPUT_SIDE)
@@ -350,7 +365,10 @@ class PrefixHooks:
         self, stack: nn.Module, output: Any, opener: str, roles: frozenset[Role]
     ) -> None:
         frame = self.frames.close(opener)
-        if frame is None or output is None:  # output None: the forward raised
+        if frame is None:
+            return
+        self.frames.busy.discard(frame)
+        if output is None:  # the forward raised
             return
         call = frame.state
         if call.proxy and stack.training and torch.is_grad_enabled():
@@ -536,8 +554,11 @@ class PrefixHooks:
     ) -> Any:
         """An attention site's pre-hook: in proxy mode its cache argument becomes
         ``[prefix ; keys]`` and its mask gets the prefix's columns."""
+        frames = self.frames
+        if not frames.busy and not frames.kept:  # ``Frames.idle``, inlined: every layer,
+            return None  # every decode step (the cache holds the prefix already)
         site = self.sites[index]
-        call = self._running(self.sites[index].role)
+        call = self._running(site.role)
         rows = call.rows if call is not None else None
         if call is None or rows is None:
             return None

@@ -166,13 +166,6 @@ class SoftPromptHooks:
         self.frames: Frames[TokenCall] = Frames()
         self._handles: list[RemovableHandle] = []
 
-    def _call(self, opener: str) -> TokenCall:
-        """The running call's state; a hook that runs outside one opens a frame."""
-        frame = self.frames.current()
-        if frame is None:
-            frame = self.frames.open(opener, TokenCall())
-        return frame.state
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -497,7 +490,10 @@ class SoftPromptHooks:
         return (), kw
 
     def embed_pre(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
-        call = self._call("embedding")  # called on its own: a frame of its own
+        frame = self.frames.current()
+        if frame is None:  # the embedding called on its own: a frame of its own
+            frame = self.frames.open("embedding", TokenCall())
+        call = frame.state
         ids = args[0]
         holds, call.ids_hold_virtual = call.ids_hold_virtual, None
         if holds is None:  # the embedding was called on its own, not through the stack
@@ -516,7 +512,8 @@ class SoftPromptHooks:
             return None
         call = frame.state
         ids, call.embed_ids = call.embed_ids, None
-        self.frames.close("embedding")
+        if frame.opener == "embedding":
+            self.frames.remove(frame)
         if ids is None or output is None:
             return None
         names = call.table_names
@@ -569,7 +566,8 @@ class SoftPromptHooks:
                 return None
             return self._strip(call, output)
         finally:
-            self.frames.close("stack")
+            if frame.opener == "stack":
+                self.frames.remove(frame)
 
     def model_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         frame = self.frames.close("model")
