@@ -14,12 +14,12 @@ from typing import Any, ParamSpec, TypeVar
 
 from torch import nn
 
+from .hooks.bank import PromptBank
+from .hooks.inputs import InputPrefixHooks
+from .hooks.prefix import PrefixHooks
+from .hooks.tokens import SoftPromptHooks
 from .locators import Located, locate
 from .methods.base import PromptSpec, SoftPrompt
-from .splice.bank import PromptBank
-from .splice.inputs import InputPrefixHooks
-from .splice.prefix import PrefixHooks
-from .splice.tokens import SoftPromptHooks
 
 PromptLike = PromptSpec | SoftPrompt
 Prompts = PromptLike | Mapping[str, PromptLike]

@@ -32,9 +32,10 @@ from prefix_oracle import decoder_only_logits
 from torch import nn
 
 import prompthooks as ph
+from prompthooks.hooks.masks import pad_mask
+from prompthooks.hooks.prefix import PrefixRows
 from prompthooks.locators.llama_like import LlamaLikeLocator
 from prompthooks.methods import Prefix
-from prompthooks.splice.prefix import PrefixRows, pad_mask
 
 VOCAB = 61
 MAX_POSITIONS = 64

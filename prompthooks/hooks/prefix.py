@@ -45,12 +45,13 @@ from ..kernels.concat import accumulation_dtype, per_row
 from ..locators.base import AttentionSite, Located, PositionTable, Role
 from ..locators.conventions import read_cache
 from ..methods.prefix_tuning import Prefix
+from .arguments import Kwargs, bind_kwargs, cache_length
 from .bank import PromptBank
 from .caches import capacity, layer_cache, make_room, recall, remember
 from .calls import Frames
 from .checks import check_sites_take_their_names, not_applied
 from .layout import positions_from_mask
-from .tokens import Kwargs, bind_kwargs, cache_length
+from .masks import pad_mask, prepend_attend
 
 #: Roles whose sites run inside the input stack; the others run in the decoder.
 INPUT_SIDE: frozenset[Role] = frozenset({"self", "enc_self"})
@@ -122,74 +123,6 @@ class PrefixRows:
     counts: torch.Tensor | int  # (B, 1): each row's prefix length
     offsets: torch.Tensor | int  # (B, 1): position shift of each row's real tokens
     largest_offset: int  # the largest of ``offsets``, known without reading a tensor
-
-
-def _front(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
-    """The prefix's key columns for a 4-D mask ``(B or 1, heads, queries, keys)``."""
-    shape = (*mask.shape[:-1], rows.width)
-    attend = True if mask.dtype == torch.bool else 0.0
-    if rows.keep is None:
-        return mask.new_full(shape, attend)
-    keep = rows.keep[:, None, None, :].expand(rows.keep.shape[0], *shape[1:])
-    if mask.dtype == torch.bool:
-        return keep
-    blocked = torch.finfo(mask.dtype).min
-    return torch.zeros(keep.shape, dtype=mask.dtype, device=mask.device).masked_fill(~keep, blocked)
-
-
-def pad_mask(
-    mask: torch.Tensor | None,
-    rows: PrefixRows,
-    query_length: int,
-    causal: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-    window: int | None = None,
-) -> torch.Tensor | None:
-    """Give a 4-D attention mask the prefix's leading key columns.
-
-    With a sliding ``window`` (proxy mode: no past, so query i sits at cache
-    index ``width + i``), prefix slot s is seen only while ``width + i - s <
-    window``, as the model's own mask would have it with the prefix cached.
-    """
-    width = rows.width
-    if window is not None:
-        queries = torch.arange(query_length, device=device).unsqueeze(1) + width
-        seen = queries - torch.arange(width, device=device) < window  # (Q, W)
-        # Real keys keep the model's own window (it built the mask, or left it
-        # out because the real keys alone fit in the window).
-        real = torch.ones(query_length, query_length, dtype=torch.bool, device=device)
-        windowed = pad_mask(mask, rows, query_length, causal, dtype, device)
-        if windowed is None:
-            size = (1, 1, query_length, width + query_length)
-            windowed = torch.zeros(size, dtype=dtype, device=device)
-        allowed = torch.cat([seen, real], dim=1)[None, None]
-        if windowed.dtype == torch.bool:
-            return windowed & allowed
-        return windowed.masked_fill(~allowed, torch.finfo(windowed.dtype).min)
-    if mask is None:
-        if not causal and rows.keep is None:
-            return None  # no mask means "attend everything", prefix included
-        # The triangle must be aligned to the bottom right: query i sees the
-        # prefix and real keys 0..i. Additive float works for eager and sdpa.
-        keys = torch.arange(width + query_length, device=device)
-        queries = torch.arange(query_length, device=device).unsqueeze(1) + width
-        allowed = (keys.unsqueeze(0) <= queries) if causal else keys.unsqueeze(0) >= 0
-        allowed = allowed[None, None]
-        if rows.keep is not None:
-            real = torch.ones(rows.keep.shape[0], query_length, dtype=torch.bool, device=device)
-            allowed = allowed & torch.cat([rows.keep, real], dim=1)[:, None, None, :]
-        blocked = torch.finfo(dtype).min
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, blocked)
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(
-            f"prefix tuning needs a 4-D attention mask inside attention modules, got {shape}; "
-            "use attn_implementation='sdpa' or 'eager'"
-        )
-    if rows.keep is not None and mask.shape[0] != rows.keep.shape[0]:
-        mask = mask.expand(rows.keep.shape[0], *mask.shape[1:])
-    return torch.cat([_front(mask, rows), mask], dim=-1)
 
 
 def build_rows(bank: PromptBank, sites: int, batch: int) -> tuple[PrefixRows, KeyValues]:
@@ -456,7 +389,7 @@ class PrefixHooks:
             if mask is None and rows.keep is not None:  # rows must not see their unused slots
                 mask = torch.ones(x.shape[0], past + new - width, dtype=torch.long, device=x.device)
             if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - width):
-                kw["attention_mask"] = mask = _prepend_attend(
+                kw["attention_mask"] = mask = prepend_attend(
                     mask, rows, capacity(cache), past if self._causal(roles) else None
                 )
             user_past = past - width
@@ -471,7 +404,7 @@ class PrefixHooks:
                 if mask is None and rows.keep is not None:
                     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
                 if mask is not None:
-                    kw["attention_mask"] = mask = _prepend_attend(
+                    kw["attention_mask"] = mask = prepend_attend(
                         mask, rows, capacity(cache), width if self._causal(roles) else None
                     )
                 if kw.get("cache_position") is not None:
@@ -846,37 +779,3 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 def _right_aligned(x: torch.Tensor, width: int) -> torch.Tensor:
     """``(H, P, D)`` -> ``(H, width, D)`` with the prefix in the last P slots."""
     return nn.functional.pad(x, (0, 0, width - x.shape[1], 0))
-
-
-def _prepend_attend(
-    mask: torch.Tensor, rows: PrefixRows, capacity: int | None = None, past: int | None = None
-) -> torch.Tensor:
-    """The prefix's leading key columns: a 2-D padding mask gets ones (or each
-    row's ``keep`` pattern), a ready-made 4-D mask gets True or 0.0 columns.
-
-    ``generate`` with a static cache builds 4-D masks as wide as the cache, with
-    the user's padding in the user's view (key j is the user's token j).
-    Shifted right by the prefix width, the padding lands on the right keys; the
-    columns pushed past the cache's capacity are dropped. The mask's causal
-    part may have been built in either view, so for a causal stack (``past`` =
-    cached keys, prefix included) it is imposed again in the cache's view:
-    query i sees keys ``0..past+i``, never an unwritten slot.
-    """
-    if mask.ndim == 2:
-        if rows.keep is None:
-            front = mask.new_ones(mask.shape[0], rows.width)
-        else:
-            front = rows.keep.to(mask.dtype)
-        return torch.cat([front, mask], dim=1)
-    if rows.keep is not None and mask.shape[0] != rows.keep.shape[0]:
-        mask = mask.expand(rows.keep.shape[0], *mask.shape[1:])
-    out = torch.cat([_front(mask, rows), mask], dim=-1)
-    if capacity is not None and out.shape[-1] > capacity:
-        out = out[..., :capacity]
-    if past is not None:
-        keys = torch.arange(out.shape[-1], device=out.device)
-        queries = torch.arange(out.shape[-2], device=out.device).unsqueeze(1) + past
-        allowed = keys.unsqueeze(0) <= queries
-        blocked = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
-        out = out.masked_fill(~allowed, blocked)
-    return out

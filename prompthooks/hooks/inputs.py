@@ -45,10 +45,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ..kernels import prefix_concat
 from ..locators.base import Located
+from .arguments import Kwargs
 from .bank import PromptBank
 from .calls import Frames
+from .masks import attn_mask_columns, key_padding_columns
 from .prefix import KeyValues, PrefixRows, build_rows
-from .tokens import Kwargs
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 
@@ -139,14 +140,14 @@ class InputPrefixHooks:
         if rows.keep is not None and pad is None:  # rows must not see their unused slots
             pad = torch.zeros(batch, length, dtype=torch.bool, device=key.device)
         if pad is not None:
-            kw["key_padding_mask"] = _pad_columns(pad, rows, batched)
+            kw["key_padding_mask"] = key_padding_columns(pad, rows, batched)
         if attn is None and kw.get("is_causal"):
             # The caller promised a causal mask and let the module skip it; the
             # prefix makes the mask non-square, so it is written out.
             queries = _length(query, batch_first, batched)
             attn = torch.ones(queries, length, dtype=torch.bool, device=key.device).triu(1)
         if attn is not None:
-            kw["attn_mask"] = _attn_columns(attn, rows)
+            kw["attn_mask"] = attn_mask_columns(attn, rows)
         kw["is_causal"] = False
         return (), kw
 
@@ -171,35 +172,3 @@ def _prepend(
     if not batched:
         return out.squeeze(0)
     return out if batch_first else out.transpose(0, 1)
-
-
-def _pad_columns(mask: torch.Tensor, rows: PrefixRows, batched: bool) -> torch.Tensor:
-    """A ``key_padding_mask`` (True or -inf: ignore) with the prefix's columns in front."""
-    mask2 = mask if batched else mask.unsqueeze(0)
-    front = _front(mask2, rows, mask2.shape[0])
-    out = torch.cat([front, mask2], dim=-1)
-    return out if batched else out.squeeze(0)
-
-
-def _attn_columns(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
-    """An ``attn_mask`` ``(L, S)`` or ``(B * heads, L, S)`` with the prefix's
-    columns in front. Per-row slot masks go in ``key_padding_mask`` instead, so
-    these columns all attend."""
-    shape = (*mask.shape[:-1], rows.width)
-    attend = False if mask.dtype == torch.bool else 0.0
-    return torch.cat([mask.new_full(shape, attend), mask], dim=-1)
-
-
-def _front(mask: torch.Tensor, rows: PrefixRows, batch: int) -> torch.Tensor:
-    """``(B, width)`` leading key-padding columns in ``mask``'s convention."""
-    if rows.keep is None:
-        attend = False if mask.dtype == torch.bool else 0.0
-        return mask.new_full((mask.shape[0], rows.width), attend)
-    ignore = ~rows.keep
-    if ignore.shape[0] != batch:
-        raise ValueError(f"prefix: {ignore.shape[0]} rows in the prefix layout, {batch} here")
-    if mask.dtype == torch.bool:
-        return ignore
-    return torch.zeros(ignore.shape, dtype=mask.dtype, device=mask.device).masked_fill(
-        ignore, float("-inf")
-    )

@@ -24,7 +24,6 @@ hook objects keep nothing between calls.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from ..kernels import splice_tokens
 from ..locators.base import Located
 from ..locators.conventions import read_cache
+from .arguments import Kwargs, bind_kwargs, cache_length
 from .bank import PromptBank
 from .caches import make_room_everywhere, prefix_width, recall, remember
 from .calls import Frames
@@ -49,8 +49,7 @@ from .layout import (
     strip,
     strip_per_row,
 )
-
-Kwargs = dict[str, Any]
+from .masks import causal_4d, padding_from_4d
 
 _TEMPLATE_WITHOUT_IDS = (
     "att.use(template=True) was declared but input_ids hold no virtual ids: place "
@@ -61,57 +60,6 @@ _IDS_WITHOUT_TEMPLATE = (
     "torch.compile, or with att.use(template=False), wrap the call in "
     "`with att.use(template=True):`"
 )
-
-
-# A plain dict, not ``functools.lru_cache``: ``torch.compile`` warns on (and
-# ignores) cache wrappers, while it reads a dict like any other Python state.
-_POSITIONAL_NAMES: dict[Any, tuple[str, ...] | None] = {}
-
-
-def _positional_names(forward_function: Any) -> tuple[str, ...] | None:
-    """Names that positional arguments bind to (after ``self``), or ``None`` when
-    the signature takes ``*args`` and needs a full bind."""
-    if forward_function in _POSITIONAL_NAMES:
-        return _POSITIONAL_NAMES[forward_function]
-    _POSITIONAL_NAMES[forward_function] = names = _signature_names(forward_function)
-    return names
-
-
-def _signature_names(forward_function: Any) -> tuple[str, ...] | None:
-    names = []
-    for param in list(inspect.signature(forward_function).parameters.values())[1:]:
-        if param.kind is inspect.Parameter.VAR_POSITIONAL:
-            return None
-        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            names.append(param.name)
-    return tuple(names)
-
-
-def bind_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Kwargs:
-    """All arguments of a forward call by name, whether passed by position or not.
-
-    Runs on every forward and decode step, so it avoids ``Signature.bind``.
-    """
-    if not args:  # the common case: transformers calls its stacks by keyword
-        return dict(kwargs)
-    names = _positional_names(type(module).forward)
-    if names is None or len(args) > len(names):
-        raise TypeError(
-            f"prompthooks cannot name the positional arguments of {type(module).__name__}.forward"
-        )
-    out = dict(zip(names, args, strict=False))  # fewer args than names is normal
-    for name in kwargs:
-        if name in out:
-            raise TypeError(f"{type(module).__name__}.forward got {name!r} twice")
-    out.update(kwargs)
-    return out
-
-
-def cache_length(cache: Any, layer: int | None = None) -> int:
-    """Tokens a cache holds (0 for no cache); of one layer if ``layer`` is given."""
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    return int(cache.get_seq_length() if layer is None else cache.get_seq_length(layer))
 
 
 @dataclass(frozen=True)
@@ -258,11 +206,15 @@ class SoftPromptHooks:
     # -- hooks ---------------------------------------------------------------------
 
     def model_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: Kwargs) -> Any:
-        # The call's frame: the stack and embedding hooks inside fill it, and
-        # ``model_post`` undoes this call's insertion only.
-        call = self.frames.open("model", TokenCall()).state
-        if self.located.is_encoder_decoder or not self._tokens_active():
-            return None  # labels belong to the decoder, or no tokens are inserted
+        # A frame at the model's level is needed only when ``model_post`` must strip
+        # the outputs: an encoder's (in the model's output) or a head's that read
+        # lengthened labels. Otherwise (a decode step, say) the stack opens its own
+        # frame and strips before the head.
+        if self.located.is_encoder_decoder:
+            self.frames.open("model", TokenCall())
+            return None  # labels belong to the decoder
+        if not self._tokens_active():
+            return None  # no tokens are inserted
         kw = bind_kwargs(module, args, kwargs)
         labels = kw.get("labels")
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
@@ -278,12 +230,11 @@ class SoftPromptHooks:
             labels = self._keep_targets(labels, at, mixed.counts)
             fill = torch.full_like(mixed.fill, -100)
             kw["labels"] = insert_per_row(labels, at, mixed.counts, fill, -100, mixed.pad_front)
-            call.labels_lengthened = True
-            return (), kw
-        count = self.bank.prompts[name].num_virtual_tokens
-        labels = self._keep_targets(labels, at, None)
-        kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
-        call.labels_lengthened = True
+        else:
+            count = self.bank.prompts[name].num_virtual_tokens
+            labels = self._keep_targets(labels, at, None)
+            kw["labels"] = insert(labels, at, labels.new_full((count,), -100))
+        self.frames.open("model", TokenCall(labels_lengthened=True))
         return (), kw
 
     def _keep_targets(
@@ -624,28 +575,3 @@ def _strip_any(value: Any, ins: Insertion) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim >= 3:
         return _strip_dim(value, ins, 1)
     return value
-
-
-def padding_from_4d(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """The 2-D padding mask behind a 4-D mask that ``generate`` built for a static
-    cache: the last query row sees every real key up to itself."""
-    row = mask[:, 0, -1, :length]
-    valid = row if row.dtype == torch.bool else row == 0
-    return valid.long()
-
-
-def causal_4d(valid: torch.Tensor, like: torch.Tensor, width: int, past: int) -> torch.Tensor:
-    """A 4-D mask in ``like``'s format: query i (at cache position ``past + i``)
-    sees key j when ``j <= past + i`` and ``valid[b, j]``; ``width`` keys."""
-    queries = like.shape[-2] if past else valid.shape[1]
-    keys = torch.arange(width, device=valid.device)
-    rows = torch.arange(queries, device=valid.device).unsqueeze(1) + past
-    padded = torch.zeros(valid.shape[0], width, dtype=torch.bool, device=valid.device)
-    padded[:, : valid.shape[1]] = valid[:, :width].bool()
-    allowed = (keys.unsqueeze(0) <= rows)[None, None] & padded[:, None, None, :]
-    if like.dtype == torch.bool:
-        return allowed
-    blocked = torch.finfo(like.dtype).min
-    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-        ~allowed, blocked
-    )
