@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import pickle
@@ -156,6 +157,42 @@ def test_a_selection_in_one_thread_does_not_reach_another() -> None:
         leave.set()
         thread.join()
     att.detach()
+
+
+def test_asyncio_tasks_keep_their_own_selection() -> None:
+    """Two tasks of one event loop, each inside its own ``att.use`` across awaits:
+    each call uses its own task's prompt (oracle: the same call made alone)."""
+    model = tiny("gpt2").eval()
+    att = ph.attach(model, _prompts())
+    ids, mask = batch("gpt2", [4, 2])
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            logits: torch.Tensor = model(input_ids=ids, attention_mask=mask).logits
+        return logits
+
+    alone = {}
+    for name in ("prompt", "prefix"):
+        with att.use(name):
+            alone[name] = call()
+
+    async def task(name: str, results: dict[str, list[torch.Tensor]]) -> None:
+        with att.use(name):
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other task runs here, inside its own block
+                results[name].append(call())
+
+    async def both() -> dict[str, list[torch.Tensor]]:
+        results: dict[str, list[torch.Tensor]] = {"prompt": [], "prefix": []}
+        await asyncio.gather(task("prompt", results), task("prefix", results))
+        return results
+
+    results = asyncio.run(both())
+    att.detach()
+    assert not torch.equal(alone["prompt"], alone["prefix"])
+    for name, outputs in results.items():
+        assert len(outputs) == 3
+        assert all(torch.equal(out, alone[name]) for out in outputs)
 
 
 # -- copies and pickles ----------------------------------------------------------
