@@ -33,12 +33,6 @@ _LOCAL = threading.local()
 S = TypeVar("S")
 
 
-def _stack() -> tuple[Any, ...]:
-    """The running thread's open frames, innermost last."""
-    stack: tuple[Any, ...] = getattr(_LOCAL, "frames", ())
-    return stack
-
-
 class Frame(Generic[S]):
     """One call's state for one set of hooks. ``opener`` names the hook that
     opened it (``"model"``, ``"stack"``, ...), so the hooks inside can tell
@@ -120,12 +114,6 @@ class Frames(Generic[S]):
             return
         self._recompute[(threading.get_ident(), frame.opener)] = frame
         self.kept[frame.opener] = frame
-
-    def idle(self) -> bool:
-        """No open frame has work for inner hooks, and no checkpointed call was
-        kept for a recomputation: a hook that serves only those returns at once.
-        Two attribute reads: it runs in every attention layer of every decode step."""
-        return not self.busy and not self.kept
 
     def for_recompute(self, opener: str) -> Frame[S] | None:
         """The frame a hook running outside any call reads: during a backward

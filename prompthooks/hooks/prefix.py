@@ -488,7 +488,7 @@ class PrefixHooks:
         """An attention site's pre-hook: in proxy mode its cache argument becomes
         ``[prefix ; keys]`` and its mask gets the prefix's columns."""
         frames = self.frames
-        if not frames.busy and not frames.kept:  # ``Frames.idle``, inlined: every layer,
+        if not frames.busy and not frames.kept:  # nothing to do here: every layer,
             return None  # every decode step (the cache holds the prefix already)
         site = self.sites[index]
         call = self._running(site.role)
