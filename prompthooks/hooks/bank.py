@@ -47,9 +47,6 @@ class PromptBank:
         # Without ``att.use``: the only prompt, or none (the call must choose).
         self.default: str | None = next(iter(prompts)) if len(prompts) == 1 else None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy is a bank of its own: the original's ``att.use`` does not select for it.
         self.__dict__.update(state)
