@@ -42,10 +42,10 @@ def oracle_logits(
         rows_pos.append(torch.tensor([max(x, 0) for x in pos]))
         if labels is not None:
             row = labels[b].clone()
-            if at == 0 and arch in ("gpt2", "llama"):
-                # A causal LM's targets stay the user's: the first label had no
-                # predecessor without the prompt, so it is no target with one.
-                row[0] = -100
+            if arch in ("gpt2", "llama"):
+                # A row's first real token has no real predecessor (alone and
+                # unpadded it is no target), so it is no target with a prompt.
+                row[at] = -100
             rows_lab.append(torch.cat([row[:at], torch.full((p,), -100), row[at:]]))
         keep.append(list(range(at)) + list(range(at + p, ids.shape[1] + p)))
     kw: dict[str, Any] = {

@@ -154,6 +154,54 @@ def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) ->
     assert all(n.startswith(".prompt.safetensors.") for n in names), names  # never read
 
 
+REFUSED_WRITER = """
+import sys, torch
+from prompthooks import io
+from prompthooks.io import CheckpointError
+from prompthooks.methods import PromptTable
+path = sys.argv[1]
+for version in range(1, 10**6):
+    io.save({"default": PromptTable(torch.full((256, 2048), float(version)))}, path)
+    print(version, flush=True)
+    diverged = torch.full((256, 2048), float(version + 1))
+    diverged[-1, -1] = float("nan")
+    try:
+        io.save({"default": PromptTable(diverged)}, path)
+    except CheckpointError:
+        pass
+    else:
+        raise SystemExit("a non-finite prompt was saved")
+"""
+
+
+def test_killing_a_writer_between_good_and_refused_saves_leaves_the_last_good_file(
+    tmp_path: Path,
+) -> None:
+    """A process alternates good saves with saves of a diverged (NaN) prompt,
+    which are refused, and is killed with SIGKILL at random moments: the file
+    always loads (``ph.load`` refuses NaN) as one whole good version."""
+    path = tmp_path / "prompt.safetensors"
+    io.save({"default": PromptTable(torch.zeros(256, 2048))}, path)
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", REFUSED_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert writer.stdout is not None
+        finished = int(writer.stdout.readline())
+        time.sleep(float(torch.rand((), generator=rng)) * 0.2)
+        writer.send_signal(signal.SIGKILL)
+        rest = writer.stdout.read().split()
+        assert writer.wait() == -signal.SIGKILL  # killed, not stopped by a saved NaN
+        finished = int(rest[-1]) if rest else finished
+        table = ph.load(path)["default"].table()
+        value = float(table[0, 0].detach())
+        assert torch.equal(table, torch.full_like(table, value))  # one good version, whole
+        assert finished <= value <= finished + 1
+    stray = [p.name for p in tmp_path.iterdir() if p != path]
+    assert all(n.startswith(".prompt.safetensors.") for n in stray), stray
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_prompt_never_replaces_a_good_file(tmp_path: Path, bad: float) -> None:
     """A diverged prompt is refused by ``att.save`` (the good file stays, bit for

@@ -21,8 +21,8 @@ from torch import nn
 
 import prompthooks as ph
 from prompthooks.kernels import ops
-from prompthooks.kernels.concat import concat_forward
-from prompthooks.kernels.splice import splice_forward
+from prompthooks.kernels.torch_concat import concat_forward
+from prompthooks.kernels.torch_splice import splice_forward
 
 # transformers logs a warning (a graph break for the base model too) when
 # ``loss_type`` is unset; naming it lets the base model compile in one graph.

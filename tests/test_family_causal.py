@@ -137,8 +137,9 @@ def prompted_inputs(
         rows_pos.append(torch.tensor([0] * at + list(range(p + ids.shape[1] - at))))
         if labels is not None:
             row = labels[b].clone()
-            if at == 0:  # no predecessor without the prompt: no target with it
-                row[0] = -100
+            # A row's first real token has no real predecessor (alone and
+            # unpadded it is no target), so it is no target with a prompt.
+            row[at] = -100
             rows_lab.append(torch.cat([row[:at], torch.full((p,), -100), row[at:]]))
         keep.append(list(range(at)) + list(range(at + p, ids.shape[1] + p)))
     kw: dict[str, Any] = {

@@ -33,7 +33,7 @@ from torch import nn
 
 import prompthooks as ph
 from prompthooks.hooks.masks import pad_mask
-from prompthooks.hooks.prefix import PrefixRows
+from prompthooks.hooks.prefix_rows import PrefixRows
 from prompthooks.locators.llama_like import LlamaLikeLocator
 from prompthooks.methods import Prefix
 

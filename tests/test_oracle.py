@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from models import ARCHS, batch, decoder_ids, tiny
 from oracle import oracle_logits
 
@@ -48,6 +50,51 @@ def test_causal_lm_loss_is_the_loss_of_the_returned_logits(arch: str) -> None:
     )
     torch.testing.assert_close(out.loss, by_hand, atol=1e-6, rtol=0)
     torch.testing.assert_close(summed, by_hand, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    arch=st.sampled_from(["gpt2", "llama"]),
+    method=st.sampled_from(["prompt", "p-tuning"]),
+    side=st.sampled_from(["left", "right"]),
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    masked=st.integers(0, 5),
+)
+def test_causal_lm_loss_is_the_returned_logits_loss_and_the_rows_alone_for_any_padding(
+    arch: str, method: str, side: str, lengths: list[int], masked: int
+) -> None:
+    """The rule of the README's "What happens to your batch", for every padding:
+    the loss is the shifted cross-entropy of the logits returned with the user's
+    labels (a row's first real token is no target: nothing real precedes it),
+    and equals the loss of the rows run alone, unpadded."""
+    model = tiny(arch)
+    width = max(lengths)
+    g = torch.Generator().manual_seed(sum(lengths) + masked)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, span] = torch.randint(3, 60, (n,), generator=g)
+        mask[row, span] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, masked % width] = -100  # a label the user masked
+    first = mask.argmax(dim=1)  # each row's first real token: no target
+    targets = labels.scatter(1, first.unsqueeze(1), -100)[:, 1:]
+    count = int((targets != -100).sum())
+    assume(count > 0)
+    prompt = ph.PromptTuning(3) if method == "prompt" else ph.PTuning(3, encoder="mlp")
+    with ph.attach(model, prompt), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        rows = [(ids[b, mask[b].bool()], labels[b, mask[b].bool()]) for b in range(len(lengths))]
+        alone = [model(input_ids=row[None], labels=lab[None]).logits[0] for row, lab in rows]
+    ce = torch.nn.functional.cross_entropy
+    by_hand = ce(out.logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    sums = [
+        ce(logits[:-1], lab[1:], ignore_index=-100, reduction="sum")
+        for logits, (_, lab) in zip(alone, rows, strict=True)
+    ]
+    torch.testing.assert_close(out.loss, by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, torch.stack(sums).sum() / count, atol=1e-5, rtol=0)
 
 
 def test_gradients_reach_only_the_prompt() -> None:

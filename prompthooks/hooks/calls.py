@@ -28,8 +28,6 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-_LOCAL = threading.local()
-
 S = TypeVar("S")
 
 
@@ -42,6 +40,11 @@ class Frame(Generic[S]):
 
     def __init__(self, owner: object, opener: str, state: S) -> None:
         self.owner, self.opener, self.state = owner, opener, state
+
+
+# Per thread: the open frames, innermost last. (A plain ``threading.local``:
+# dynamo traces its attributes, not those of a subclass with class defaults.)
+_LOCAL = threading.local()
 
 
 class Frames(Generic[S]):
@@ -87,7 +90,9 @@ class Frames(Generic[S]):
     def close(self, opener: str) -> Frame[S] | None:
         """Close this set's innermost frame if ``opener`` opened it; returns it."""
         stack: tuple[Frame[S], ...] = getattr(_LOCAL, "frames", ())
-        if stack and stack[-1].owner is self:  # the usual case: the innermost of all
+        if not stack:
+            return None
+        if stack[-1].owner is self:  # the usual case: the innermost of all
             frame = stack[-1]
             if frame.opener != opener:
                 return None

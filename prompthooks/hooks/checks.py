@@ -16,11 +16,18 @@ compute without the prompt. Two lines of defence:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from ..locators.base import AttentionSite, Located
 from ..locators.conventions import PromptNotAppliedError, library_versions, named_parameters
 from ..locators.registry import UnsupportedModelError
+from .arguments import cache_length
+
+if TYPE_CHECKING:
+    from ..locators.base import Role
+    from .prefix import PrefixCall
 
 
 def module_name(located: Located, module: nn.Module) -> str:
@@ -74,3 +81,47 @@ def _site_message(
         "transformers release in the supported range (README, 'Supported versions'), or "
         f"give the locator's AttentionSite the right {what}_arg."
     )
+
+
+def check_prefix_applied(
+    located: Located, call: PrefixCall, stack: nn.Module, roles: frozenset[Role]
+) -> None:
+    """After a stack ran: every site of ``roles`` used the prefix it was handed
+    (proxy mode), or the filled cache grew by the stack's tokens (cache mode)."""
+    filled = call.filled.pop(roles, None)
+    if filled is not None:
+        cache, before = filled
+        if cache_length(cache) <= before:
+            raise not_applied(
+                located,
+                stack,
+                "the key/value cache that holds the prefix was not updated",
+                f"{type(stack).__name__} to pass that cache to its attention modules",
+            )
+    if not (roles & call.proxy):
+        return
+    # LayerDrop (BART, OPT, ...) skips whole layers while training: their sites
+    # are never called, and there is no attention for a prefix to be missing from.
+    layerdrop = getattr(stack, "layerdrop", 0.0)
+    skips_layers = stack.training and isinstance(layerdrop, float) and layerdrop > 0
+    for index, site in enumerate(located.sites):
+        if site.role not in roles or site.prefix_in != "cache":
+            continue
+        handed = call.handed.pop(index, None)
+        if handed is None and skips_layers:
+            continue
+        if handed is None:
+            raise not_applied(
+                located,
+                site.module,
+                "the prefix never reached this attention site (its pre-hook did not run)",
+                f"{type(stack).__name__} to call every attention module it located",
+            )
+        if not handed.used:
+            raise not_applied(
+                located,
+                site.module,
+                f"the prefix handed over as {site.cache_arg!r} was never asked for its keys",
+                f"{type(site.module).__name__}.forward to take its key/value cache as "
+                f"{site.cache_arg!r} and call its update()",
+            )

@@ -49,7 +49,7 @@ from .arguments import Kwargs
 from .bank import PromptBank
 from .calls import Frames
 from .masks import attn_mask_columns, key_padding_columns
-from .prefix import KeyValues, PrefixRows, build_rows
+from .prefix_rows import KeyValues, PrefixRows, build_rows
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .prefix import PrefixRows
+    from .prefix_rows import PrefixRows
 
 
 def padding_from_4d(mask: torch.Tensor, length: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .choice import Backend, choose
-from .concat import concat_forward
+from .torch_concat import concat_forward
 
 
 def _checked(backend: Backend | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import concat, splice
+from . import torch_concat, torch_splice
 from .choice import choose
 
 
@@ -39,7 +39,7 @@ def splice_tokens(
         from . import triton_splice
 
         return triton_splice.splice_tokens_triton(embeds, input_ids, table, vocab_size)
-    return splice.splice_forward(embeds, input_ids, table, vocab_size)
+    return torch_splice.splice_forward(embeds, input_ids, table, vocab_size)
 
 
 @splice_tokens.register_fake
@@ -62,7 +62,7 @@ def splice_tokens_backward(
         from . import triton_splice
 
         return triton_splice.splice_backward_triton(grad, input_ids, table_rows, vocab_size)
-    return splice.splice_backward(grad, input_ids, table_rows, vocab_size)
+    return torch_splice.splice_backward(grad, input_ids, table_rows, vocab_size)
 
 
 @splice_tokens_backward.register_fake
@@ -95,12 +95,12 @@ splice_tokens.register_autograd(_splice_backward, setup_context=_splice_setup)
 
 @torch.library.custom_op("prompthooks::prefix_concat", mutates_args=())
 def prefix_concat(prefix: torch.Tensor, states: torch.Tensor, backend: str) -> torch.Tensor:
-    """``[prefix ; states]`` along the sequence (shapes in ``concat.py``)."""
+    """``[prefix ; states]`` along the sequence (shapes in ``torch_concat.py``)."""
     if _triton(states, backend):
         from . import triton_concat
 
         return triton_concat.prefix_concat_triton(prefix, states)
-    return concat.concat_forward(prefix, states)
+    return torch_concat.concat_forward(prefix, states)
 
 
 @prefix_concat.register_fake
@@ -119,7 +119,7 @@ def _concat_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     # rows, taken in at least fp32 (bf16/fp16 row gradients, fp32 parameters).
     grad_prefix = grad[:, :, : ctx.count]
     if ctx.shared:
-        wide = torch.promote_types(concat.accumulation_dtype(ctx.prefix_dtype), grad.dtype)
+        wide = torch.promote_types(torch_concat.accumulation_dtype(ctx.prefix_dtype), grad.dtype)
         grad_prefix = grad_prefix.sum(0, dtype=wide)
     return grad_prefix.to(ctx.prefix_dtype), grad[:, :, ctx.count :], None
 
