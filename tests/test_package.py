@@ -1,4 +1,4 @@
-"""What the package says about itself: one version, and what the checkout tracks."""
+"""What the package says about itself: one version, a light import, what the checkout tracks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -51,6 +52,29 @@ def test_version_names_the_changelogs_top_entry() -> None:
     assert top, "the changelog has no entry"
     assert version.base_version == top.group(1)
     assert version.is_devrelease == bool(top.group(2)), (ph.__version__, top.group(0))
+
+
+def test_import_loads_no_transformers_model_code() -> None:
+    """``import prompthooks`` imports no family's modeling module (eleven of them took
+    about 2 s): the built-in locators know their classes by module and name
+    (``prompthooks/locators/classes.py``). Checked in a fresh interpreter, where
+    nothing else has imported them yet."""
+    code = (
+        "import sys, prompthooks\n"
+        "print(prompthooks.__file__)\n"
+        "print(','.join(prompthooks.registered_locators()))\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    where, locators, *modules = done.stdout.splitlines()
+    assert Path(where).is_relative_to(ROOT)  # this checkout's code
+    built_in = {"gpt2", "llama", "t5", "bert", "roberta", "distilbert", "bart", "opt", "gpt_neox"}
+    assert built_in <= set(locators.split(","))  # registered all the same
+    assert "prompthooks.locators.gpt2" in modules
+    modeling = [m for m in modules if m.startswith("transformers.models.") and ".modeling_" in m]
+    assert modeling == []
 
 
 def test_nothing_tracked_is_ignored() -> None:
