@@ -5,6 +5,7 @@ with ph.attach(model, ph.PromptTuning(20)) as att:
     loss = model(**batch).loss      # your own call, unchanged
 """
 
+from ._version import __version__
 from .attach import Attachment, attach, attachment, tune
 from .io import CheckpointError, load, load_peft
 from .locators import (
@@ -44,4 +45,5 @@ __all__ = [
     "registered_locators",
     "tune",
     "unregister_locator",
+    "__version__",
 ]

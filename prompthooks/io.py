@@ -25,8 +25,10 @@ from .methods.p_tuning import PTuningPrompt
 from .methods.prefix_tuning import Prefix
 from .methods.prompt_tuning import PromptTable
 
+#: The file layout's own version, not the library's (``prompthooks.__version__``):
+#: it changes only when the layout does, and files of every earlier layout still load.
 FORMAT = "prompthooks/2"
-#: Files written by prompthooks 0.1-0.2: no checksum and no model record.
+#: Files written by prompthooks 0.1.0 and 0.2.0: no checksum and no model record.
 LEGACY_FORMATS = ("prompthooks/1",)
 
 _METHODS: dict[str, type[SoftPrompt]] = {

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import pytest
 import torch
+import transformers as tf
 from models import batch, same_snapshot, snapshot, tiny
 from torch import nn
 
 import prompthooks as ph
+from prompthooks.locators.classes import KNOWN
 
 
 @pytest.mark.parametrize(
@@ -98,3 +103,44 @@ def test_batch_helper_is_sane() -> None:
     ids, mask = batch("gpt2", [3, 5])
     assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert (ids[mask == 0] == 0).all()
+
+
+@pytest.mark.oldest_release
+def test_class_names_the_locators_match_by_are_real_classes() -> None:
+    """The built-in locators recognise classes by module and name, without importing
+    them. Each name must still be a class defined in that module on this release: one
+    that moved, or became an alias of another family's class, would never match."""
+    pairs = sorted({pair for names in KNOWN for pair in names.names})
+    assert len({module for module, _ in pairs}) >= 11  # ten modeling modules, modeling_utils
+    for module, qualname in pairs:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        assert isinstance(found, type), (module, qualname)
+        assert (found.__module__, found.__qualname__) == (module, qualname)
+
+
+def test_a_subclass_of_a_supported_class_is_located_and_attached_like_it() -> None:
+    """Matching reads the model's whole MRO, so a user's subclass is claimed, as
+    ``isinstance`` would claim it."""
+
+    class MyGPT2(tf.GPT2LMHeadModel):  # type: ignore[misc]
+        pass
+
+    model = MyGPT2(tiny("gpt2").config).eval()
+    found = ph.locate(model)
+    assert found.locator == "gpt2" and found.shifted_labels
+    assert [s.module for s in found.sites] == [block.attn for block in model.transformer.h]
+    ids, mask = batch("gpt2", [3, 5])
+    with ph.attach(model, ph.PromptTuning(4)), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert out.logits.shape == (*ids.shape, model.config.vocab_size)
+
+
+def test_a_class_named_like_a_supported_one_elsewhere_is_not_claimed() -> None:
+    """A name counts only with its module: a class of this test module that is merely
+    called ``GPT2PreTrainedModel`` is not given to the GPT-2 locator."""
+    impostor = type("GPT2PreTrainedModel", (nn.Module,), {"__qualname__": "GPT2PreTrainedModel"})
+    assert impostor.__module__ == __name__
+    with pytest.raises(ph.UnsupportedModelError):
+        ph.locate(impostor())

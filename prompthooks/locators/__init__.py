@@ -1,6 +1,7 @@
 """Architecture knowledge: one module per family, plus the registry.
 
-Importing this package registers the built-in locators.
+Importing this package registers the built-in locators; it imports no model code
+(they know their classes by name: ``classes.py``).
 """
 
 from . import (  # noqa: F401  (registration side effect)

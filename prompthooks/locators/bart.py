@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.bart.modeling_bart import (
-    BartDecoder,
-    BartEncoder,
-    BartLearnedPositionalEmbedding,
-    BartModel,
-    BartPreTrainedModel,
-)
 
 from .base import AttentionSite, Located, Locator, PositionTable, Role
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.bart.modeling_bart"
+_PRETRAINED = named(_MODULE, "BartPreTrainedModel")
+_MODEL = named(_MODULE, "BartModel")
+_ENCODER = named(_MODULE, "BartEncoder")
+_DECODER = named(_MODULE, "BartDecoder")
 
 
 def _site(attn: Any, role: Role, layer: int) -> AttentionSite:
@@ -40,11 +40,12 @@ def _site(attn: Any, role: Role, layer: int) -> AttentionSite:
     )
 
 
-def _base(model: nn.Module) -> BartModel | None:
-    if isinstance(model, BartModel):
+def _base(model: nn.Module) -> Any:
+    """The model's ``BartModel`` (itself or its ``.model``), or ``None``."""
+    if _MODEL.of(model):
         return model
     inner = getattr(model, "model", None)
-    return inner if isinstance(inner, BartModel) else None
+    return inner if _MODEL.of(inner) else None
 
 
 class _Lookup:
@@ -53,7 +54,7 @@ class _Lookup:
     ``BartLearnedPositionalEmbedding`` stores position ``p`` in row ``p + 2``.
     """
 
-    def __init__(self, table: BartLearnedPositionalEmbedding) -> None:
+    def __init__(self, table: Any) -> None:  # a BartLearnedPositionalEmbedding
         self.table = table
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
@@ -67,10 +68,10 @@ class BartLocator(Locator):
     def matches(self, model: nn.Module) -> bool:
         base = _base(model)
         return (
-            isinstance(model, BartPreTrainedModel)
+            _PRETRAINED.of(model)
             and base is not None
-            and isinstance(base.encoder, BartEncoder)
-            and isinstance(base.decoder, BartDecoder)
+            and _ENCODER.of(base.encoder)
+            and _DECODER.of(base.decoder)
         )
 
     def locate(self, model: nn.Module) -> Located:

@@ -6,10 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
 from .base import AttentionSite, Located, Locator
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.bert.modeling_bert"
+_PRETRAINED = named(_MODULE, "BertPreTrainedModel")
+_MODEL = named(_MODULE, "BertModel")
 
 
 def encoder_sites(stack: Any) -> tuple[AttentionSite, ...]:
@@ -35,10 +39,10 @@ class BertLocator(Locator):
     name = "bert"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, BertPreTrainedModel)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, BertModel) else model.bert
+        stack: Any = model if _MODEL.of(model) else model.bert
         sites = encoder_sites(stack)
         return Located(
             locator=self.name,

@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.distilbert.modeling_distilbert import (
-    DistilBertModel,
-    DistilBertPreTrainedModel,
-)
 
 from .base import AttentionSite, Located, Locator
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.distilbert.modeling_distilbert"
+_PRETRAINED = named(_MODULE, "DistilBertPreTrainedModel")
+_MODEL = named(_MODULE, "DistilBertModel")
 
 
 @register_locator
@@ -26,10 +27,10 @@ class DistilBertLocator(Locator):
     name = "distilbert"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, DistilBertPreTrainedModel)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, DistilBertModel) else model.distilbert
+        stack: Any = model if _MODEL.of(model) else model.distilbert
         sites = tuple(
             AttentionSite(
                 module=block.attention,

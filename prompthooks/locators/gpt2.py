@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 
 from .base import AttentionSite, Located, Locator
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.gpt2.modeling_gpt2"
+_PRETRAINED = named(_MODULE, "GPT2PreTrainedModel")
+_MODEL = named(_MODULE, "GPT2Model")
 
 
 @register_locator
@@ -16,10 +20,10 @@ class GPT2Locator(Locator):
     name = "gpt2"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, GPT2PreTrainedModel)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, GPT2Model) else model.transformer
+        stack: Any = model if _MODEL.of(model) else model.transformer
         sites = tuple(
             AttentionSite(
                 module=block.attn,

@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.gpt_neox.modeling_gpt_neox import (
-    GPTNeoXForCausalLM,
-    GPTNeoXModel,
-    GPTNeoXPreTrainedModel,
-)
 
 from .base import AttentionSite, Located, Locator
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.gpt_neox.modeling_gpt_neox"
+_PRETRAINED = named(_MODULE, "GPTNeoXPreTrainedModel")
+_MODEL = named(_MODULE, "GPTNeoXModel")
+_CAUSAL = named(_MODULE, "GPTNeoXForCausalLM")
 
 
 @register_locator
@@ -26,10 +27,10 @@ class GPTNeoXLocator(Locator):
     name = "gpt_neox"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, GPTNeoXPreTrainedModel)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, GPTNeoXModel) else model.gpt_neox
+        stack: Any = model if _MODEL.of(model) else model.gpt_neox
         sites = []
         for i, layer in enumerate(stack.layers):
             attn = layer.attention
@@ -49,5 +50,5 @@ class GPTNeoXLocator(Locator):
             sites=tuple(sites),
             max_positions=int(max_pos) if max_pos is not None else None,
             # The LM head (``lm_head`` in 5.x, ``embed_out`` in 4.x) shifts its labels.
-            shifted_labels=isinstance(model, GPTNeoXForCausalLM),
+            shifted_labels=_CAUSAL.of(model),
         )

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
 from .base import AttentionSite, Located, Locator
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.llama.modeling_llama"
+_PRETRAINED = named(_MODULE, "LlamaPreTrainedModel")
+_MODEL = named(_MODULE, "LlamaModel")
 
 
 @register_locator
@@ -16,10 +20,10 @@ class LlamaLocator(Locator):
     name = "llama"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, LlamaPreTrainedModel)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, LlamaModel) else model.model
+        stack: Any = model if _MODEL.of(model) else model.model
         sites = []
         for i, layer in enumerate(stack.layers):
             attn = layer.self_attn

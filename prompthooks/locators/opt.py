@@ -11,21 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.opt.modeling_opt import (
-    OPTDecoder,
-    OPTForCausalLM,
-    OPTModel,
-    OPTPreTrainedModel,
-)
 
 from .base import AttentionSite, Located, Locator
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.opt.modeling_opt"
+_PRETRAINED = named(_MODULE, "OPTPreTrainedModel")
+_MODEL = named(_MODULE, "OPTModel")
+_DECODER = named(_MODULE, "OPTDecoder")
+_CAUSAL = named(_MODULE, "OPTForCausalLM")
 
 
 def _decoder(model: nn.Module) -> Any:
-    if isinstance(model, OPTDecoder):
+    if _DECODER.of(model):
         return model
-    base: Any = model if isinstance(model, OPTModel) else model.model  # every head's OPTModel
+    base: Any = model if _MODEL.of(model) else model.model  # every head's OPTModel
     return base.decoder
 
 
@@ -34,7 +35,7 @@ class OPTLocator(Locator):
     name = "opt"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, OPTPreTrainedModel)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
         decoder = _decoder(model)
@@ -54,5 +55,5 @@ class OPTLocator(Locator):
             encoder_mask_readers=(),
             sites=tuple(sites),
             max_positions=int(positions.num_embeddings) - int(positions.offset),
-            shifted_labels=isinstance(model, OPTForCausalLM),
+            shifted_labels=_CAUSAL.of(model),
         )

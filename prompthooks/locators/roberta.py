@@ -14,29 +14,31 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.camembert.modeling_camembert import (
-    CamembertForCausalLM,
-    CamembertModel,
-    CamembertPreTrainedModel,
-)
-from transformers.models.roberta.modeling_roberta import (
-    RobertaForCausalLM,
-    RobertaModel,
-    RobertaPreTrainedModel,
-)
-from transformers.models.xlm_roberta.modeling_xlm_roberta import (
-    XLMRobertaForCausalLM,
-    XLMRobertaModel,
-    XLMRobertaPreTrainedModel,
-)
 
 from .base import Located, Locator
 from .bert import encoder_sites
+from .classes import ClassNames, named
 from .registry import register_locator
 
-_PRETRAINED = (RobertaPreTrainedModel, XLMRobertaPreTrainedModel, CamembertPreTrainedModel)
-_BARE = (RobertaModel, XLMRobertaModel, CamembertModel)
-_CAUSAL = (RobertaForCausalLM, XLMRobertaForCausalLM, CamembertForCausalLM)
+#: The modeling module of each family, by its classes' prefix.
+_MODULES = {
+    "Roberta": "transformers.models.roberta.modeling_roberta",
+    "XLMRoberta": "transformers.models.xlm_roberta.modeling_xlm_roberta",
+    "Camembert": "transformers.models.camembert.modeling_camembert",
+}
+
+
+def _each(suffix: str) -> ClassNames:
+    """``<Family><suffix>`` of every family (``RobertaModel``, ``XLMRobertaModel``, ...)."""
+    first, *rest = (named(module, prefix + suffix) for prefix, module in _MODULES.items())
+    for names in rest:
+        first |= names
+    return first
+
+
+_PRETRAINED = _each("PreTrainedModel")
+_BARE = _each("Model")
+_CAUSAL = _each("ForCausalLM")
 
 
 @register_locator
@@ -44,10 +46,10 @@ class RobertaLocator(Locator):
     name = "roberta"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, _PRETRAINED)
+        return _PRETRAINED.of(model)
 
     def locate(self, model: nn.Module) -> Located:
-        stack: Any = model if isinstance(model, _BARE) else model.roberta
+        stack: Any = model if _BARE.of(model) else model.roberta
         sites = encoder_sites(stack)
         embeddings = stack.embeddings
         first = int(embeddings.padding_idx) + 1
@@ -61,6 +63,6 @@ class RobertaLocator(Locator):
             max_positions=int(embeddings.position_embeddings.num_embeddings) - first,
             cls_first=True,
             # ``*ForCausalLM`` (``is_decoder=True``) predicts token t + 1 at t.
-            shifted_labels=isinstance(model, _CAUSAL),
+            shifted_labels=_CAUSAL.of(model),
             first_position=first,
         )

@@ -12,10 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.models.t5.modeling_t5 import T5PreTrainedModel, T5Stack
 
 from .base import AttentionSite, Located, Locator, Role
+from .classes import named
 from .registry import register_locator
+
+_MODULE = "transformers.models.t5.modeling_t5"
+_PRETRAINED = named(_MODULE, "T5PreTrainedModel")
+_STACK = named(_MODULE, "T5Stack")
 
 
 def _site(attn: Any, role: Role, layer: int) -> AttentionSite:
@@ -44,16 +48,15 @@ class T5Locator(Locator):
     name = "t5"
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, T5PreTrainedModel) and isinstance(
-            getattr(model, "encoder", None), T5Stack
-        )
+        return _PRETRAINED.of(model) and _STACK.of(getattr(model, "encoder", None))
 
     def locate(self, model: nn.Module) -> Located:
-        encoder = model.encoder
-        decoder = getattr(model, "decoder", None)
-        assert isinstance(encoder, T5Stack)
+        encoder: Any = model.encoder
+        decoder: Any = getattr(model, "decoder", None)
+        assert _STACK.of(encoder)
         sites = _sites(encoder, "enc_self")
-        if isinstance(decoder, T5Stack):
+        with_decoder = _STACK.of(decoder)
+        if with_decoder:
             sites += _sites(decoder, "dec_self")
         embedding = encoder.embed_tokens
         assert isinstance(embedding, nn.Embedding)
@@ -62,8 +65,8 @@ class T5Locator(Locator):
             model=model,
             embedding=embedding,
             input_stack=encoder,
-            encoder_mask_readers=(decoder,) if isinstance(decoder, T5Stack) else (),
+            encoder_mask_readers=(decoder,) if with_decoder else (),
             sites=tuple(sites),
             max_positions=None,  # relative position buckets: no hard limit
-            is_encoder_decoder=isinstance(decoder, T5Stack),
+            is_encoder_decoder=with_decoder,
         )

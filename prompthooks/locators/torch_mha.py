@@ -29,10 +29,14 @@ from __future__ import annotations
 import inspect
 
 from torch import nn
-from transformers import PreTrainedModel
 
 from .base import AttentionSite, Located, Locator, Role
+from .classes import named
 from .registry import register_locator
+
+#: Not imported: ``transformers.modeling_utils`` alone takes longer to import than
+#: the rest of prompthooks (a plain PyTorch model needs no transformers at all).
+_TRANSFORMERS_MODEL = named("transformers.modeling_utils", "PreTrainedModel")
 
 
 def _token_embedding(model: nn.Module) -> nn.Embedding:
@@ -74,7 +78,7 @@ class TorchMHALocator(Locator):
     def matches(self, model: nn.Module) -> bool:
         # A transformers model with an nn.MultiheadAttention somewhere (a vision
         # tower's pooling) is not built from it: its text attention is elsewhere.
-        if isinstance(model, PreTrainedModel):
+        if _TRANSFORMERS_MODEL.of(model):
             return False
         return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
