@@ -24,7 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import VOCAB, batch, tiny
-from peft import PeftModel
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from plain_models import PlainLM, PlainSeq2Seq
 from test_family_bart import tiny_bart
 from test_family_causal import tiny_causal
@@ -400,12 +400,29 @@ def test_projection_narrower_than_the_prefix_reports_its_residual() -> None:
 # -- zero ----------------------------------------------------------------------------
 
 
-def test_zero_prefix_is_zero_keys_and_values() -> None:
-    model = tiny("gpt2")
-    with ph.attach(model, ph.PrefixTuning(4, projection=False, init="zero")) as att:
-        prompt = att.prompts["default"]
-        assert isinstance(prompt, Prefix) and prompt.weight is not None
-        assert torch.equal(prompt.weight, torch.zeros_like(prompt.weight))
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_zero_prefix_is_pefts_zero_init_and_not_a_no_op(arch: str, projection: bool) -> None:
+    """Zero keys and values: PEFT's ``init_weights="zero"`` at step 0 (PEFT zeroes
+    its MLP's last layer; ours keeps that layer's weights off the fitted
+    directions, so gradients reach the layers before it). Each prefix slot
+    still takes the softmax weight of a score-0 key, so outputs move."""
+    model = tiny(arch)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=4,
+        init_weights="zero",
+        prefix_projection=projection,
+        encoder_hidden_size=16,
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), config).eval()
+    expected = logits_of(peft_model, input_ids=ids)
+    spec = ph.PrefixTuning(4, projection=projection, hidden_size=16, init="zero")
+    with ph.attach(model, spec):
+        got = logits_of(model, input_ids=ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert float((got - logits_of(model, input_ids=ids)).abs().max()) > 0.05
 
 
 # -- P-tuning --------------------------------------------------------------------------
