@@ -564,3 +564,20 @@ def test_the_capture_leaves_no_hook_and_keeps_the_modes() -> None:
     att.detach()
     assert hooks_on(model) == before
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_a_failed_capture_leaves_the_model_as_it_was() -> None:
+    """A text the model cannot run over (longer than its position table) fails
+    inside the capture run: no hook, mode or flag of it stays behind."""
+    from models import hooks_on, same_snapshot, snapshot
+
+    model = PlainLM()
+    model.train()
+    before = snapshot(model)
+    modes = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(IndexError):
+        ph.attach(model, prefix_spec([3] * 45, projection=False))
+    assert same_snapshot(before, snapshot(model)) and hooks_on(model) == before["hooks"]
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    with pytest.raises(ValueError, match="embeds at most 64 positions"):
+        ph.attach(tiny("gpt2"), prefix_spec([3] * 70))

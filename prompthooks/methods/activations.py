@@ -19,6 +19,9 @@ gives each site the text's keys:
 Encoder-decoder models run the encoder over the text and the decoder over the
 same ids, so decoder self-attention gets the decoder's keys for the text and
 cross-attention the keys of the encoded text.
+
+``fit_last_layer`` then makes a reparameterisation (a prefix MLP, a P-tuning
+encoder) output such a table at step 0, in closed form.
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ def text_ids(tokenizer: Any, text: str, vocab_size: int, count: int | None) -> l
 
 def text_key_values(located: Located, ids: list[int]) -> KeyValues:
     """Every site's keys and values ``(H_kv, len(ids), D)`` for ``ids``, in site order."""
+    limit = located.max_positions
+    if limit is not None and len(ids) >= limit:
+        raise ValueError(
+            f"init_text gives {len(ids)} tokens, but {type(located.model).__name__} embeds at "
+            f"most {limit} positions and the prefix takes as many as the text: use a shorter "
+            "text or a smaller num_virtual_tokens"
+        )
     model = _runner(located)
     records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in located.sites]
     handles: list[RemovableHandle] = []
@@ -138,7 +148,9 @@ def _inputs(located: Located, ids: list[int]) -> dict[str, Any]:
     return kw
 
 
-def _record(site: AttentionSite, kept: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+def _record(
+    site: AttentionSite, kept: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[RemovableHandle]:
     """Temporary hooks that put what ``site`` computes for the text in ``kept``."""
     if site.prefix_in == "inputs":
         return [site.module.register_forward_pre_hook(_mha_inputs(kept), with_kwargs=True)]
