@@ -11,9 +11,14 @@ against a linear probe on the frozen model.
 Per cell: test accuracy with batch size 1 and with left-padded batches of 16,
 how many predictions flip between the two, the median seconds per training
 step, the peak memory above the loaded model, and the trainable parameters.
-The run writes a Markdown table, a JSON summary and two PNG plots.
+Issue 19 adds prompthooks-only cells: P-tuning (MLP), Prefix Tuning (MLP) and
+P-tuning v2 started from the task's instruction text (``init="text"``), and
+P-tuning v2 from zero keys and values, next to their random-init runs.
+The run writes a Markdown table, a JSON summary and three PNG plots (accuracy,
+loss curves against PEFT, loss curves per initialisation).
 
-    python benchmarks/quality.py            # the full run (~70 min on 2 CPU cores)
+    python benchmarks/quality.py            # the full run (~70 min on 2 CPU cores
+                                            # before the 8 init cells; not re-timed)
     python benchmarks/quality.py --quick    # 3 steps, 24 test rows per task (~7 min)
     python benchmarks/quality.py --tiny     # random tiny models, synthetic tasks (CI)
 
@@ -46,6 +51,7 @@ from quality_cells import (  # noqa: E402
     LM_BASELINES,
     LM_METHODS,
     PEFT,
+    PEFT_METHODS,
     PROMPTHOOKS,
     Cell,
     Settings,
@@ -73,6 +79,20 @@ DISPLAY = {
     "p_tuning_mlp": "P-tuning, MLP encoder (20)",
     "prefix_tuning": "Prefix Tuning, MLP (10)",
     "p_tuning_v2": "P-tuning v2 (10)",
+    "p_tuning_mlp_text": "P-tuning, MLP encoder (20), text init",
+    "prefix_tuning_text": "Prefix Tuning, MLP (10), text init",
+    "p_tuning_v2_text": "P-tuning v2 (10), text init",
+    "p_tuning_v2_zero": "P-tuning v2 (10), zero init",
+}
+#: The init plot: per method, its runs from each initialisation.
+INITS = {
+    "P-tuning, MLP": {"random": "p_tuning_mlp", "text": "p_tuning_mlp_text"},
+    "Prefix Tuning, MLP": {"random": "prefix_tuning", "text": "prefix_tuning_text"},
+    "P-tuning v2": {
+        "random": "p_tuning_v2",
+        "text": "p_tuning_v2_text",
+        "zero": "p_tuning_v2_zero",
+    },
 }
 
 SPLIT_SEED = 0  # the data split, whatever the training seed
@@ -99,7 +119,8 @@ def plan() -> list[Cell]:
     for task in TASKS:
         cells += [Cell(task, "lm", m, BASELINE) for m in LM_BASELINES]
         for method in LM_METHODS:
-            cells += [Cell(task, "lm", method, lib) for lib in (PROMPTHOOKS, PEFT)]
+            libraries = (PROMPTHOOKS, PEFT) if method in PEFT_METHODS else (PROMPTHOOKS,)
+            cells += [Cell(task, "lm", method, lib) for lib in libraries]
         cells.append(Cell(task, "encoder", "linear_probe", BASELINE))
         cells += [Cell(task, "encoder", "p_tuning_v2", lib) for lib in (PROMPTHOOKS, PEFT)]
     return cells
@@ -268,6 +289,9 @@ def table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
         lines.append(row(results, Cell(task, "lm", method, BASELINE), icl, None))
     for method in LM_METHODS:
         ours, peft = (Cell(task, "lm", method, lib) for lib in (PROMPTHOOKS, PEFT))
+        if method not in PEFT_METHODS:
+            lines.append(row(results, ours, icl, None))
+            continue
         lines.append(row(results, ours, icl, peft))
         lines.append(row(results, peft, icl, None))
     probe = Cell(task, "encoder", "linear_probe", BASELINE)
@@ -310,9 +334,17 @@ def compact(results: dict[str, dict[str, Any]], task: str) -> list[str]:
     for family, method in pairs:
         ours = results.get(Cell(task, family, method, PROMPTHOOKS).key)
         peft = results.get(Cell(task, family, method, PEFT).key)
+        ref = icl if family == "lm" else probe
+        if ours and family == "lm" and method not in PEFT_METHODS:
+            gain = signed(ours["accuracy_batched"] - ref["accuracy_batched"]) if ref else ""
+            lines.append(
+                f"| SmolLM2: {DISPLAY[method]} | {acc(ours)} | (no such init) | | "
+                f"{ours['flips']} / | {gain} | {ours['step_seconds_median']:.2f} / | "
+                f"{ours['peak_extra_mb']:.0f} / | {ours['trainable_params']:,} / |"
+            )
+            continue
         if not ours or not peft:
             continue
-        ref = icl if family == "lm" else probe
         m, h = paired_difference(ours, peft, "batched")
         gain = signed(ours["accuracy_batched"] - ref["accuracy_batched"]) if ref else ""
         model = "SmolLM2" if family == "lm" else "MiniLM + head"
@@ -356,7 +388,10 @@ def report(
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plots(results, out)
     print("\n".join(lines))
-    print(f"\nwrote {out / 'quality.md'}, summary.json, accuracy.png, loss_curves.png")
+    print(
+        f"\nwrote {out / 'quality.md'}, summary.json, accuracy.png, loss_curves.png, "
+        "init_curves.png"
+    )
 
 
 def plots(results: dict[str, dict[str, Any]], out: Path) -> None:
@@ -408,9 +443,10 @@ def plots(results: dict[str, dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, len(methods), figsize=(17, 6), sharey=True)
+    paired = [m for m in methods if m in PEFT_METHODS]
+    fig, axes = plt.subplots(2, len(paired), figsize=(17, 6), sharey=True)
     for r_i, task in enumerate(TASKS):
-        for c_i, m in enumerate(methods):
+        for c_i, m in enumerate(paired):
             ax = axes[r_i][c_i]
             for lib in (PROMPTHOOKS, PEFT):
                 r = results.get(Cell(task, "lm", m, lib).key)
@@ -425,6 +461,35 @@ def plots(results: dict[str, dict[str, Any]], out: Path) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    init_plot(results, out)
+
+
+def init_plot(results: dict[str, dict[str, Any]], out: Path) -> None:
+    """Issue 19: training loss of each method from each initialisation (prompthooks),
+    with the test accuracy (batches of 16) in the legend."""
+    import matplotlib.pyplot as plt
+
+    styles = {"random": ("#7f7f7f", "-"), "text": ("#2ca02c", "-"), "zero": ("#d62728", "--")}
+    fig, axes = plt.subplots(len(TASKS), len(INITS), figsize=(14, 6.5), sharey="row")
+    for r_i, task in enumerate(TASKS):
+        for c_i, (title, runs) in enumerate(INITS.items()):
+            ax = axes[r_i][c_i]
+            for init, method in runs.items():
+                r = results.get(Cell(task, "lm", method, PROMPTHOOKS).key)
+                if r and r["losses"]:
+                    color, style = styles[init]
+                    label = f"{init} init ({pct(r['accuracy_batched'])}%)"
+                    ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=color, ls=style,
+                            label=label, lw=1.3)  # fmt: skip
+            ax.set_title(f"{title}: {task.replace('_', ' ')}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_yscale("log")
+            if c_i == 0:
+                ax.set_ylabel("training loss")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "init_curves.png", dpi=110)
     plt.close(fig)
 
 

@@ -49,7 +49,16 @@ LM_METHODS: dict[str, tuple[int, float]] = {
     "p_tuning_mlp": (20, 1e-3),
     "prefix_tuning": (10, 1e-2),
     "p_tuning_v2": (10, 1e-2),
+    # Issue 19: the same methods started from the model's own activations for the
+    # task's instruction (``Task.init_text``, repeated or cut to length), or from zero
+    # keys and values. prompthooks only: PEFT has no such init for these methods.
+    "p_tuning_mlp_text": (20, 1e-3),
+    "prefix_tuning_text": (10, 1e-2),
+    "p_tuning_v2_text": (10, 1e-2),
+    "p_tuning_v2_zero": (10, 1e-2),
 }
+#: The methods both libraries run (the others are prompthooks' only).
+PEFT_METHODS = ("prompt_tuning", "p_tuning_lstm", "p_tuning_mlp", "prefix_tuning", "p_tuning_v2")
 LM_BASELINES = ("zero_shot", "icl_4shot")
 ENCODER_LR = 1e-2
 PREFIX_HIDDEN = 512  # the prefix MLP's hidden width, both libraries
@@ -259,6 +268,15 @@ def our_spec(method: str, task: Task, tokenizer: Any, hidden: int) -> Any:
         return ph.PrefixTuning(n, projection=True, hidden_size=PREFIX_HIDDEN)
     if method == "p_tuning_v2":
         return ph.PrefixTuning(n, projection=False)
+    text = {"init": "text", "init_text": task.init_text, "tokenizer": tokenizer}
+    if method == "p_tuning_mlp_text":
+        return ph.PTuning(n, encoder="mlp", hidden_size=hidden, **text)
+    if method == "prefix_tuning_text":
+        return ph.PrefixTuning(n, projection=True, hidden_size=PREFIX_HIDDEN, **text)
+    if method == "p_tuning_v2_text":
+        return ph.PrefixTuning(n, projection=False, **text)
+    if method == "p_tuning_v2_zero":
+        return ph.PrefixTuning(n, projection=False, init="zero")
     raise ValueError(f"unknown method {method!r}")
 
 

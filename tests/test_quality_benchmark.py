@@ -23,6 +23,8 @@ pytestmark = pytest.mark.workflow  # the result does not depend on the kernel pa
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 TASKS = ("rotten_tomatoes", "bbc_news")
 LM_TRAINED = ("prompt_tuning", "p_tuning_lstm", "p_tuning_mlp", "prefix_tuning", "p_tuning_v2")
+#: Issue 19's initialisations, prompthooks only.
+LM_INITS = ("p_tuning_mlp_text", "prefix_tuning_text", "p_tuning_v2_text", "p_tuning_v2_zero")
 
 
 def run(out: Path) -> str:
@@ -52,6 +54,7 @@ def test_every_cell_runs_for_both_libraries(results: tuple[Path, dict[str, dict]
         expected |= {
             f"{task}--lm--{m}--{lib}" for m in LM_TRAINED for lib in ("prompthooks", "peft")
         }
+        expected |= {f"{task}--lm--{m}--prompthooks" for m in LM_INITS}
         expected.add(f"{task}--encoder--linear_probe--none")
         expected |= {f"{task}--encoder--p_tuning_v2--{lib}" for lib in ("prompthooks", "peft")}
     assert set(cells) == expected
@@ -105,9 +108,12 @@ def test_report_and_plots_are_written(results: tuple[Path, dict[str, dict]]) -> 
     for method in LM_TRAINED:
         assert f"| {method.replace('_', ' ')} | prompthooks |" in table
         assert f"| {method.replace('_', ' ')} | peft |" in table
+    for method in LM_INITS:
+        assert f"| {method.replace('_', ' ')} | prompthooks |" in table
+        assert f"| {method.replace('_', ' ')} | peft |" not in table
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == set(cells)
-    for name in ("accuracy.png", "loss_curves.png"):
+    for name in ("accuracy.png", "loss_curves.png", "init_curves.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

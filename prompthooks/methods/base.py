@@ -140,6 +140,19 @@ def check_num_virtual_tokens(n: object) -> int:
     return n
 
 
+def check_text_init(init: str, init_text: str | None, tokenizer: Any, spec: str) -> None:
+    """``init="text"`` needs both the text and the tokenizer that turns it into ids."""
+    if init != "text":
+        return
+    if not init_text:
+        raise ValueError("init='text' needs init_text, the text that starts the prompt")
+    if tokenizer is None:
+        raise ValueError(
+            "init='text' needs the model's tokenizer: "
+            f"{spec}(..., init='text', init_text=..., tokenizer=tokenizer)"
+        )
+
+
 def _describe(fingerprint: dict[str, Any]) -> dict[str, str]:
     """The facts of a model fingerprint that a prompt depends on, as text."""
     sites = fingerprint.get("sites", [])

@@ -15,22 +15,28 @@ Pseudo tokens can sit anywhere in the input (the paper's templates): place
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..locators.base import Located
+from .activations import fit_last_layer, text_ids
 from .base import (
     SoftPrompt,
     check_num_virtual_tokens,
+    check_text_init,
     config_choice,
     config_fraction,
     config_int,
 )
-from .prompt_tuning import PromptTable
+from .prompt_tuning import PromptTable, looked_up
+
+log = logging.getLogger("prompthooks")
 
 Encoder = Literal["lstm", "mlp"]
+Init = Literal["random", "text"]
 
 
 class PromptEncoder(nn.Module):
@@ -63,12 +69,34 @@ class PromptEncoder(nn.Module):
         else:
             self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
 
-    def forward(self) -> torch.Tensor:
+    def features(self) -> torch.Tensor:
+        """What the last linear layer reads: ``(P, hidden)``."""
         x = self.embedding.weight
         if self.lstm is not None:
             x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
-        out: torch.Tensor = self.mlp(x)
+        out: torch.Tensor = self.mlp[1](self.mlp[0](x))
         return out
+
+    def forward(self) -> torch.Tensor:
+        out: torch.Tensor = self.mlp[2](self.features())
+        return out
+
+    def fit_output(self, target: torch.Tensor) -> float:
+        """Set the last layer so that the encoder's output (in eval mode, no
+        dropout) is ``target``; closed form, see ``fit_last_layer``. Returns
+        the relative residual."""
+        last = self.mlp[2]
+        assert isinstance(last, nn.Linear)
+        mode = self.training
+        try:
+            self.eval()
+            with torch.no_grad():
+                weight, bias, residual = fit_last_layer(last, self.features(), target)
+                last.weight.copy_(weight)
+                last.bias.copy_(bias)
+        finally:
+            self.train(mode)
+        return residual
 
 
 class PTuningPrompt(SoftPrompt):
@@ -80,6 +108,8 @@ class PTuningPrompt(SoftPrompt):
         super().__init__()
         self.encoder = encoder
         self.settings = dict(settings)
+        #: Relative residual of ``init="text"``'s closed-form fit (``None``: no fit).
+        self.init_residual: float | None = None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -126,22 +156,40 @@ class PTuning:
     """Spec for P-tuning; sized from the model when attached.
 
     Args:
-        num_virtual_tokens: number of pseudo tokens P.
+        num_virtual_tokens: number of pseudo tokens P; ``None`` is 9, or the
+            text's length with ``init="text"``.
         encoder: ``"lstm"`` (embedding, bidirectional LSTM, MLP) or ``"mlp"``.
         hidden_size: the encoder's width; defaults to the model's hidden size.
         num_layers: LSTM layers.
         dropout: dropout between LSTM layers (training only).
+        init: ``"random"`` (PyTorch's default init of the encoder) or ``"text"``:
+            the encoder's last layer is fitted in closed form so that its
+            output is the model's embeddings of ``init_text``'s tokens (ids
+            without special tokens, repeated or cut to ``num_virtual_tokens``
+            when it is given): the prompt starts as that text typed in its
+            place. Exact when ``hidden_size >= P``; the fit's relative residual
+            is kept as ``prompt.init_residual``.
+        init_text, tokenizer: the text and the model's tokenizer, for ``"text"``.
     """
 
     def __init__(
         self,
-        num_virtual_tokens: int = 9,
+        num_virtual_tokens: int | None = None,
         encoder: Encoder = "lstm",
         hidden_size: int | None = None,
         num_layers: int = 2,
         dropout: float = 0.0,
+        init: Init = "random",
+        init_text: str | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        self.num_virtual_tokens = check_num_virtual_tokens(num_virtual_tokens)
+        if init not in ("random", "text"):
+            raise ValueError(f"init must be 'random' or 'text', got {init!r}")
+        check_text_init(init, init_text, tokenizer, "PTuning")
+        if num_virtual_tokens is not None or init != "text":
+            num_virtual_tokens = check_num_virtual_tokens(
+                9 if num_virtual_tokens is None else num_virtual_tokens
+            )
         if encoder not in ("lstm", "mlp"):
             raise ValueError(f"encoder must be 'lstm' or 'mlp', got {encoder!r}")
         if hidden_size is not None and (
@@ -152,32 +200,46 @@ class PTuning:
             raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_virtual_tokens: int | None = num_virtual_tokens
         self.encoder = encoder
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.dropout = float(dropout)
+        self.init: Init = init
+        self.init_text = init_text
+        self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
         return (
             f"PTuning(num_virtual_tokens={self.num_virtual_tokens}, encoder={self.encoder!r}, "
             f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
-            f"dropout={self.dropout})"
+            f"dropout={self.dropout}, init={self.init!r})"
         )
 
     def build(self, located: Located) -> PTuningPrompt:
         hidden = self.hidden_size or located.hidden_size
+        target: torch.Tensor | None = None
+        if self.init == "text":
+            assert self.init_text is not None
+            ids = text_ids(
+                self.tokenizer, self.init_text, located.vocab_size, self.num_virtual_tokens
+            )
+            target = looked_up(located.embedding, torch.tensor(ids))
+        n = self.num_virtual_tokens if target is None else target.shape[0]
+        assert n is not None
+        device = located.embedding.weight.device
         encoder = PromptEncoder(
-            self.num_virtual_tokens,
-            located.hidden_size,
-            hidden,
-            self.encoder,
-            self.num_layers,
-            self.dropout,
-        )
+            n, located.hidden_size, hidden, self.encoder, self.num_layers, self.dropout
+        ).to(device)
+        residual = None if target is None else encoder.fit_output(target)
+        if residual is not None:
+            log.info("PTuning(init='text'): encoder fit relative residual %.2e", residual)
         settings = {
             "encoder": self.encoder,
             "encoder_hidden_size": hidden,
             "num_layers": self.num_layers,
             "dropout": self.dropout,
         }
-        return PTuningPrompt(encoder.to(located.embedding.weight.device), settings)
+        prompt = PTuningPrompt(encoder, settings)
+        prompt.init_residual = residual
+        return prompt

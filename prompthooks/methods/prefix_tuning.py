@@ -14,21 +14,28 @@ Linear. The paper found it stabilises training; it is only a training aid, so
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..locators.base import Located
+from .activations import fit_last_layer, flat_table, text_ids, text_key_values
 from .base import (
     SoftPrompt,
     check_num_virtual_tokens,
     check_positions,
+    check_text_init,
     check_trained_for,
     config_bool,
     config_int,
 )
+
+log = logging.getLogger("prompthooks")
+
+Init = Literal["random", "text", "zero"]
 
 #: Shape of one attention site's keys for one token: (KV heads, head size).
 SiteShape = tuple[int, int]
@@ -74,6 +81,9 @@ class Prefix(SoftPrompt):
         if (table is None) == (projection is None):
             raise ValueError("a prefix is made from exactly one of a table or a projection")
         self.shift_positions = bool(shift_positions)
+        #: Relative residual of the closed-form MLP fit of ``init="text"`` /
+        #: ``"zero"`` (``None``: no fit was made).
+        self.init_residual: float | None = None
         self.weight: nn.Parameter | None = None
         self.projection: PrefixProjection | None = projection
         if table is not None:
@@ -204,7 +214,8 @@ class PrefixTuning:
     """Spec for Prefix Tuning; sized from the model's attention sites when attached.
 
     Args:
-        num_virtual_tokens: prefix length P.
+        num_virtual_tokens: prefix length P; ``None`` is 10, or the text's
+            length with ``init="text"``.
         projection: train through the paper's MLP reparameterisation
             (``False`` is P-tuning v2, the recommended setting for BERT-like
             encoders).
@@ -213,27 +224,52 @@ class PrefixTuning:
             the original code do (the prefix acts as a past of length P).
             ``False`` keeps them at ``0..L-1``. Models with relative positions
             (T5) always see the prefix as a past.
+        init: ``"random"`` (N(0, 1) table, or the MLP's default init);
+            ``"text"``: the keys and values the frozen model computes for
+            ``init_text`` at every attention site, so training starts from the
+            text typed in front of the input (exactly so on decoder-only models
+            with ``shift_positions=True``); ``"zero"``: zero keys and values
+            (each prefix slot still takes the softmax weight of a score-0 key;
+            see the README). With the MLP, its last layer is fitted in closed
+            form so that it outputs that table; the fit's relative residual is
+            kept as ``prompt.init_residual``.
+        init_text, tokenizer: the text and the model's tokenizer, for ``"text"``.
+            The ids (no special tokens) are repeated or cut to
+            ``num_virtual_tokens`` when it is given.
     """
 
     def __init__(
         self,
-        num_virtual_tokens: int = 10,
+        num_virtual_tokens: int | None = None,
         projection: bool = True,
         hidden_size: int = 512,
         shift_positions: bool = True,
+        init: Init = "random",
+        init_text: str | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        self.num_virtual_tokens = check_num_virtual_tokens(num_virtual_tokens)
+        if init not in ("random", "text", "zero"):
+            raise ValueError(f"init must be 'random', 'text' or 'zero', got {init!r}")
+        check_text_init(init, init_text, tokenizer, "PrefixTuning")
+        if num_virtual_tokens is not None or init != "text":
+            num_virtual_tokens = check_num_virtual_tokens(
+                10 if num_virtual_tokens is None else num_virtual_tokens
+            )
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be an integer >= 1, got {hidden_size!r}")
+        self.num_virtual_tokens: int | None = num_virtual_tokens
         self.projection = bool(projection)
         self.hidden_size = hidden_size
         self.shift_positions = bool(shift_positions)
+        self.init: Init = init
+        self.init_text = init_text
+        self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
         return (
             f"PrefixTuning(num_virtual_tokens={self.num_virtual_tokens}, "
             f"projection={self.projection}, hidden_size={self.hidden_size}, "
-            f"shift_positions={self.shift_positions})"
+            f"shift_positions={self.shift_positions}, init={self.init!r})"
         )
 
     def build(self, located: Located) -> Prefix:
@@ -244,14 +280,34 @@ class PrefixTuning:
                 "use ph.PromptTuning, or a locator that fills Located.sites"
             )
         shapes = site_shapes(located)
-        n = self.num_virtual_tokens
         device = located.embedding.weight.device
         width = sum(2 * h * d for h, d in shapes)
-        if self.projection:
-            projection = PrefixProjection(n, located.hidden_size, self.hidden_size, width)
-            return Prefix(
-                shapes, projection=projection.to(device), shift_positions=self.shift_positions
+        target: torch.Tensor | None = None
+        if self.init == "text":
+            assert self.init_text is not None
+            ids = text_ids(
+                self.tokenizer, self.init_text, located.vocab_size, self.num_virtual_tokens
             )
-        # nn.Embedding's N(0, 1), as PEFT and the P-tuning v2 code initialise it.
-        table = torch.randn(n, width, device=device)
-        return Prefix(shapes, table=table, shift_positions=self.shift_positions)
+            target = flat_table(text_key_values(located, ids)).to(device)
+        n = self.num_virtual_tokens if target is None else target.shape[0]
+        assert n is not None
+        if self.init == "zero":
+            target = torch.zeros(n, width, device=device)
+        if not self.projection:
+            # nn.Embedding's N(0, 1), as PEFT and the P-tuning v2 code initialise it.
+            table = torch.randn(n, width, device=device) if target is None else target
+            return Prefix(shapes, table=table, shift_positions=self.shift_positions)
+        projection = PrefixProjection(n, located.hidden_size, self.hidden_size, width).to(device)
+        residual = None
+        if target is not None:
+            last = projection.transform[2]
+            assert isinstance(last, nn.Linear)
+            with torch.no_grad():
+                hidden = projection.transform[:2](projection.embedding.weight)
+                weight, bias, residual = fit_last_layer(last, hidden, target)
+                last.weight.copy_(weight)
+                last.bias.copy_(bias)
+            log.info("PrefixTuning(init=%r): MLP fit relative residual %.2e", self.init, residual)
+        prefix = Prefix(shapes, projection=projection, shift_positions=self.shift_positions)
+        prefix.init_residual = residual
+        return prefix

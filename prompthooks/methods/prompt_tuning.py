@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..locators.base import Located
-from .base import SoftPrompt, check_num_virtual_tokens, config_int
+from .activations import text_ids
+from .base import SoftPrompt, check_num_virtual_tokens, check_text_init, config_int
 
 Init = Literal["random", "text", "vocab"]
 
@@ -63,16 +64,7 @@ class PromptTuning:
         self.num_virtual_tokens = check_num_virtual_tokens(num_virtual_tokens)
         if init not in ("random", "text", "vocab"):
             raise ValueError(f"init must be 'random', 'text' or 'vocab', got {init!r}")
-        if init == "text":
-            if not init_text:
-                raise ValueError(
-                    "init='text' needs init_text, the text whose embeddings start the prompt"
-                )
-            if tokenizer is None:
-                raise ValueError(
-                    "init='text' needs the model's tokenizer: "
-                    "PromptTuning(..., init='text', init_text=..., tokenizer=tokenizer)"
-                )
+        check_text_init(init, init_text, tokenizer, "PromptTuning")
         self.init = init
         self.init_text = init_text
         self.tokenizer = tokenizer
@@ -87,28 +79,15 @@ class PromptTuning:
         if self.init == "random":
             table = torch.randn(n, weight.shape[1], device=weight.device) * _output_std(embedding)
         elif self.init == "vocab":
-            table = _looked_up(embedding, torch.randint(0, weight.shape[0], (n,)))
+            table = looked_up(embedding, torch.randint(0, weight.shape[0], (n,)))
         else:
-            text_ids = self._text_ids(located.vocab_size)
-            repeated = (text_ids * -(-n // len(text_ids)))[:n]
-            table = _looked_up(embedding, torch.tensor(repeated))
+            assert self.init_text is not None
+            ids = text_ids(self.tokenizer, self.init_text, located.vocab_size, n)
+            table = looked_up(embedding, torch.tensor(ids))
         return PromptTable(table)
 
-    def _text_ids(self, vocab_size: int) -> list[int]:
-        encoded = self.tokenizer(self.init_text, add_special_tokens=False)
-        raw = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        ids = [int(i) for i in raw]
-        if not ids:
-            raise ValueError(f"init_text {self.init_text!r} tokenizes to no tokens")
-        if max(ids) >= vocab_size:
-            raise ValueError(
-                f"the tokenizer produced id {max(ids)} but the model's embedding has "
-                f"{vocab_size} rows: is it the model's own tokenizer?"
-            )
-        return ids
 
-
-def _looked_up(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+def looked_up(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """What the model's embedding module gives for ``ids``: a subclass may scale
     its rows (Gemma multiplies by sqrt(hidden size)), so the rows alone would
     start the prompt at the wrong magnitude."""
@@ -123,4 +102,4 @@ def _output_std(embedding: nn.Embedding) -> torch.Tensor:
     if type(embedding) is nn.Embedding:  # outputs are the rows
         return weight.float().std()
     sample = torch.randint(0, weight.shape[0], (min(4096, weight.shape[0]),))
-    return _looked_up(embedding, sample).float().std()
+    return looked_up(embedding, sample).float().std()
