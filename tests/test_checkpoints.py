@@ -239,16 +239,16 @@ def test_loads_racing_saves_read_one_whole_version(tmp_path: Path) -> None:
         for writer in writers:
             assert writer.stdout is not None
             writer.stdout.readline()  # both are saving
-        deadline = time.monotonic() + 6.0
-        while time.monotonic() < deadline:
+        # A number of loads, not a time window: a busy machine makes each slower.
+        while loads < 60:
             table = ph.load(path)["default"].table()
             assert torch.equal(table, torch.full_like(table, float(table[0, 0])))
             loads += 1
+        assert all(w.poll() is None for w in writers)  # both were saving throughout
     finally:
         for writer in writers:
             writer.kill()
             writer.wait()
-    assert loads > 50
 
 
 def test_saving_through_a_symlink_writes_its_target(tmp_path: Path) -> None:

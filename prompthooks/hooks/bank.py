@@ -10,6 +10,7 @@ guards on, so a new selection recompiles rather than reusing the old prompt).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,6 +45,8 @@ class PromptBank:
             if prompt.kind == "tokens":
                 self.starts[name] = offset
                 offset += prompt.num_virtual_tokens
+        # The token prompts and their first ids, ascending (for bisection).
+        self._by_start = (list(self.starts), list(self.starts.values()))
         # Without ``att.use``: the only prompt, or none (the call must choose).
         self.default: str | None = next(iter(prompts)) if len(prompts) == 1 else None
 
@@ -139,27 +142,28 @@ class PromptBank:
 
     def token_names(self, names: Iterable[str]) -> list[str]:
         """The token prompts among ``names``, in id order."""
-        wanted = set(names)
-        return [name for name in self.starts if name in wanted]
+        # Sorted by start, not filtered from ``starts``: a call's cost must not grow
+        # with the number of prompts attached.
+        wanted = {name for name in names if name in self.starts}
+        return sorted(wanted, key=self.starts.__getitem__)
 
     def names_of_ids(self, ids: torch.Tensor) -> list[str]:
-        """The token prompts whose virtual ids ``ids`` hold (a host read)."""
-        virtual = set(torch.unique(ids[ids >= self.vocab_size]).tolist())
-        names = []
-        for name, start in self.starts.items():
-            count = self.prompts[name].num_virtual_tokens
-            inside = {v for v in virtual if start <= v < start + count}
-            if inside:
-                names.append(name)
-                virtual -= inside
-        if virtual:
-            unknown = min(virtual)
-            raise IndexError(
-                f"input id {unknown} is neither a token of the {self.vocab_size}-token "
-                f"vocabulary nor a virtual id of an attached prompt ({self._ranges()}); "
-                "use ids below the vocabulary size, or att.virtual_ids(name)"
-            )
-        return names
+        """The token prompts whose virtual ids ``ids`` hold (a host read), in id
+        order; found by bisection, so the cost does not grow with the number of
+        prompts attached."""
+        virtual = sorted(set(torch.unique(ids[ids >= self.vocab_size]).tolist()))
+        names, starts = self._by_start
+        found: dict[str, None] = {}
+        for v in virtual:
+            i = bisect.bisect_right(starts, v) - 1
+            if i < 0 or v >= starts[i] + self.prompts[names[i]].num_virtual_tokens:
+                raise IndexError(
+                    f"input id {v} is neither a token of the {self.vocab_size}-token "
+                    f"vocabulary nor a virtual id of an attached prompt ({self._ranges()}); "
+                    "use ids below the vocabulary size, or att.virtual_ids(name)"
+                )
+            found[names[i]] = None
+        return list(found)
 
     def _ranges(self) -> str:
         ranges = [
