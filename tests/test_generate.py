@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as tf
 from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
 
 import prompthooks as ph
@@ -200,4 +201,32 @@ def test_generate_equals_each_row_alone_with_either_cache(
                     input_ids=unpad(arch, ids, mask, row), max_new_tokens=4, do_sample=False
                 )
             assert torch.equal(both[row, -4:], alone[0, -4:]), (row, name)
+    att.detach()
+
+
+@pytest.mark.parametrize("method", list(STATIC_SPECS))
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_a_static_cache_reused_across_generate_calls(arch: str, method: str) -> None:
+    """A ``StaticCache`` the user makes once and hands to several ``generate``
+    calls (reset in between, as transformers asks): the prompt's slots fit in
+    it each time, and every call equals the same call with its own cache."""
+    model = tiny(arch, "sdpa")
+    att = ph.attach(model, STATIC_SPECS[method]())
+    cache = tf.StaticCache(config=model.config, max_cache_len=32)
+    for seed, lengths in ((6, [5, 3]), (7, [4, 4])):
+        ids, mask = batch(arch, lengths, seed=seed)
+        names = ["a", "b"] if method == "mixed" else ["default", "default"]
+        with torch.no_grad(), att.use(names):
+            cache.reset()
+            reused = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                max_new_tokens=4,
+                do_sample=False,
+            )
+            own = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False
+            )
+        assert torch.equal(reused, own), lengths
     att.detach()

@@ -35,12 +35,16 @@ def make_room(cache: Any, layer: int, count: int) -> bool:
         return False
     target = layers[layer]
     if getattr(target, "is_initialized", False):
+        if (recall(cache, "room") or 0) >= count:
+            return True  # a cache reused from an earlier call got its slots then
         raise ValueError(
             f"{type(cache).__name__} layer {layer} is already allocated "
             f"({target.max_cache_len} slots), so it has no room for the prompt's {count} "
             "tokens; let generate() create the cache, or allocate it after attaching"
         )
     target.max_cache_len += count
+    if layer == len(layers) - 1:  # every layer has its slots now (soft prompt and prefix add up)
+        remember(cache, "room", (recall(cache, "room") or 0) + count)
     return True
 
 
@@ -61,7 +65,8 @@ _RECORD = "_prompthooks"
 
 def remember(cache: Any, what: str, value: Any) -> None:
     """Note on ``cache`` what a call put into it (``"inserted"``: virtual tokens
-    in the sequence; ``"prefix"``: the prefix layout at its front)."""
+    in the sequence; ``"prefix"``: the prefix layout at its front; ``"room"``:
+    the slots added to a fixed-size cache)."""
     record = cache.__dict__.setdefault(_RECORD, {})
     record[what] = value
 
