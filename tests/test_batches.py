@@ -96,3 +96,19 @@ def test_resizing_the_embedding_while_attached_is_refused_clearly(method: str) -
     with ph.attach(model, ph.PromptTuning(P)) as again:
         assert min(again.virtual_ids()) == VOCAB + 8
         assert model(input_ids=ids).logits.shape == (1, 3, VOCAB + 8)
+
+
+def test_an_encoder_decoder_batch_mixing_template_and_plain_rows_is_refused() -> None:
+    """``generate`` runs an encoder-decoder model's encoder on its own, so its
+    decoder cannot learn which rows got a prompt: such a batch is refused,
+    naming the fix, and leaves the model as it was."""
+    model = tiny("t5")
+    with ph.attach(model, ph.PromptTuning(P)) as att:
+        before = _snapshot(model)
+        virtual = att.virtual_ids()
+        ids = torch.tensor([[5, 6, 7], [virtual[0], 8, 9]])
+        with pytest.raises(ValueError, match="virtual ids or none"):
+            model(input_ids=ids, decoder_input_ids=torch.tensor([[0], [0]]))
+        model(input_ids=ids[:1], decoder_input_ids=torch.tensor([[0]]))  # plain rows work
+        after = _snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -101,6 +101,8 @@ def plan_call(
             "encoder-decoder model, give every row of a batch virtual ids or none"
         )
     rows = plan_rows(bank, x.shape[0], x.device, pad_front, templates)
+    if rows.width == 0:  # the other rows read prefixes: no soft prompt to insert
+        return Plan(None, names)
     at = insertion_points(mask, x.shape[0], loc.cls_first, x.device)
     at_front = rows.uniform and not loc.cls_first and (mask is None or _all_zero(at))
     insertion = Insertion(rows, at, x.shape[1] + rows.width, at_front)

@@ -152,6 +152,8 @@ class SoftPromptHooks:
         if self.located.is_encoder_decoder:
             self.frames.open("model", TokenCall())
             return None  # labels belong to the decoder
+        if kwargs.get("labels") is None and len(args) <= 1:
+            return None  # no labels (every decode step): nothing to align
         if not self._tokens_active():
             return None  # no tokens are inserted
         kw = bind_kwargs(module, args, kwargs)
