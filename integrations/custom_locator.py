@@ -20,7 +20,8 @@ it, and then checks, against references that do not use prompthooks at all:
     python integrations/custom_locator.py          # a tiny random GPT-J, a few seconds
 
 Every check is an ``assert``; ``tests/test_custom_locator.py`` runs ``main()``.
-The README's "Teaching prompthooks a new architecture" quotes this file.
+The guide in ``integrations/README.md`` ("Teaching prompthooks a new architecture")
+quotes this file.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """Prompt files that never lose work and never half-apply.
 
 * Crash safety: a save that dies (an injected exception after the temporary
-  file is written, or the writing process killed at a random moment) leaves
-  the previous file loadable and unchanged.
-* Bad files (truncated, corrupted, pickle, not ours, inconsistent, for
-  another model) raise a clear error, and the model stays bit-identical.
+  file is written, or half-way through, or the writing process killed with
+  SIGKILL at random moments) leaves the previous file loadable and unchanged.
+* Bad files raise ``ph.CheckpointError`` naming the problem: truncated files,
+  any flipped bit (hypothesis), pickle files (never unpickled: a tripwire object
+  would leave a file), other safetensors files, self-inconsistent files. A file for
+  a model with another hidden size, layer count, KV heads, head size or
+  vocabulary is refused at attach, naming the differences, and the model stays
+  bit-identical.
 * Resume: N steps, save, a fresh process loads and trains N more, equals 2N
-  steps in one go, bit for bit.
+  steps in one go, bit for bit (a table, a P-tuning LSTM encoder, a prefix MLP;
+  AdamW and a schedule).
 """
 
 from __future__ import annotations

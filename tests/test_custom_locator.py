@@ -1,11 +1,12 @@
 """A user's own locator, and the registry it goes into.
 
-* ``integrations/custom_locator.py`` (the README's locator guide) teaches
+* ``integrations/custom_locator.py`` (the worked example of the locator guide in
+  ``integrations/README.md``) teaches
   prompthooks GPT-J, which no built-in locator knows, and checks Prompt Tuning
   and Prefix Tuning on it against references that do not use prompthooks
   (``inputs_embeds`` built by hand, a hand-filled ``DynamicCache``, a
   hand-written decoding loop), training, and a bit-for-bit detach;
-* the README quotes that script's locator verbatim;
+* the guide quotes that script's locator verbatim;
 * an unknown architecture gets an error that lists the registered locators and
   shows ``ph.register_locator``;
 * registering under a taken name replaces; ``ph.unregister_locator`` undoes a
@@ -42,6 +43,7 @@ from prompthooks.methods import Prefix
 pytestmark = pytest.mark.workflow
 
 ROOT = Path(__file__).resolve().parents[1]
+GUIDE = "integrations/README.md"  # the locator guide, beside its worked example
 sys.path.insert(0, str(ROOT / "integrations"))
 import custom_locator  # noqa: E402
 
@@ -145,13 +147,13 @@ def test_gptj_locator_on_the_base_model() -> None:
     assert [s.module for s in found.sites] == [b.attn for b in model.h]
 
 
-def test_readme_quotes_the_script() -> None:
+def test_guide_quotes_the_script() -> None:
     """The guide's code blocks that show the GPT-J locator are copied from the script."""
-    readme = (ROOT / "README.md").read_text()
+    guide = (ROOT / GUIDE).read_text()
     script = (ROOT / "integrations" / "custom_locator.py").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
     quoted = [b for b in blocks if "GPTJLocator" in b]
-    assert quoted, "the README's locator guide shows no GPTJLocator code"
+    assert quoted, f"the locator guide in {GUIDE} shows no GPTJLocator code"
     for block in quoted:
         for chunk in block.split("\n...\n"):  # an elided stretch of the script
             assert chunk.strip("\n") in script, chunk
@@ -170,8 +172,9 @@ def test_unknown_architecture_error_names_locators_and_the_fix() -> None:
     listed = re.search(r"Registered locators: (.*)\.", message)
     assert listed is not None and listed.group(1).split(", ") == ph.registered_locators()
     assert "@ph.register_locator" in message and "class MyLocator(ph.Locator)" in message
-    guide = "Teaching prompthooks a new architecture"  # the message points to the README guide
-    assert guide in message and f"## {guide}\n" in (ROOT / "README.md").read_text()
+    section = "Teaching prompthooks a new architecture"  # the message points to the guide
+    assert GUIDE in message and section in message.replace("\n", " ")
+    assert f"## {section}\n" in (ROOT / GUIDE).read_text()
     with pytest.raises(ph.UnsupportedModelError):
         ph.attach(model, ph.PromptTuning(2))  # attach goes through the same lookup
     assert same_snapshot(before, snapshot(model))

@@ -1,5 +1,13 @@
 """Padding never changes a row, and generate works with a prompt attached:
-soft prompts (Prompt Tuning) and prefixes (Prefix Tuning) alike."""
+soft prompts (Prompt Tuning) and prefixes (Prefix Tuning) alike.
+
+* A padded row equals the row alone, in the forward and in greedy ``generate``.
+* ``generate`` with a cache equals ``generate`` without (greedy and beam search),
+  and a static cache equals the dynamic one.
+* A prompt changes generation and detaching restores it; sampling and beam search
+  run with expanded rows (``num_return_sequences``).
+* A prefix's hand-written decoding loop continues the cache a call returns.
+"""
 
 from __future__ import annotations
 

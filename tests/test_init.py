@@ -11,6 +11,15 @@ Oracles, none of them library code:
   value projections of a run over the text alone, and the cross-attention
   keys from the bare encoder's output over the text;
 * ``save_peft``: PEFT's own model given the saved adapter.
+
+Measured once on the real Gemma-3-270M (three left-padded reviews; not by these
+tests): a prefix initialised from a 7-token text differs from the text typed in
+front by at most 3.4e-5 in the logits (4.8e-5 through the MLP), on logits of up
+to 30 that the text moves by up to 6.3; P-tuning's text init by 3.5e-5 (LSTM) and
+3.9e-5 (MLP). The MLP's closed-form fit is exact when ``hidden_size + 1 >= P``
+(3.8e-9 relative there). A zero prefix is no no-op: 10 zero tokens move the logits
+by up to 2.33 (mean 0.24), 1 token by 0.33 (0.04), a random 10-token prefix by 6.49
+(0.87).
 """
 
 from __future__ import annotations

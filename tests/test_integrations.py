@@ -2,11 +2,17 @@
 
 * ``integrations/hf_trainer.py``: an unchanged Hugging Face ``Trainer`` set-up
   trains the attached prompt; checkpoints hold it; a run resumed from the
-  half-way checkpoint ends at exactly the uninterrupted run's prompt.
-* ``integrations/tune_loop.py``: a plain loop under ``@ph.tune`` learns, and
-  the saved file reloads to the values the loop ended with.
-* ``integrations/pipeline_generate.py``: ``pipeline("text-generation")`` with
-  a prompt attached equals an oracle that feeds the prompt by hand.
+  half-way checkpoint ends at exactly (``torch.equal``) the uninterrupted run's
+  prompt; the base model is bit-identical after detaching; the optimizer holds
+  state for the ``(P, hidden)`` table only; the Trainer's logged loss is the true
+  mean loss.
+* ``integrations/tune_loop.py``: a plain loop under ``@ph.tune`` learns (the loss
+  falls), and the saved file reloads to exactly the values and the held-out loss
+  the loop ended with.
+* ``integrations/pipeline_generate.py``: ``pipeline("text-generation")`` with a
+  prompt attached (batched, left-padded, greedy) equals an oracle that feeds the
+  prompt by hand (``generate(inputs_embeds=cat(prompt, embeddings))``) for every
+  input, and differs once the prompt is detached.
 """
 
 from __future__ import annotations

@@ -1,8 +1,18 @@
-"""The Triton token splice against the torch reference, under Triton's CPU interpreter.
+"""The Triton kernels against the torch reference, under Triton's CPU interpreter.
 
-Forward must copy exactly the same numbers; backward must give the same
-embedding gradient and the same table gradient (rows used several times add
-up; fp32 accumulation, so compared with a tolerance).
+* The token splice and the prefix concat (shared and per-row prefixes), on shapes
+  hypothesis draws (hidden sizes around the block size, rows without virtual
+  tokens), in fp32, fp16 and bf16: forward must copy exactly the same numbers;
+  backward must give the same embedding (or key) gradient and the same table
+  gradient (rows used several times add up; fp32 accumulation, so compared with a
+  tolerance).
+* The dispatch picks Triton only for CUDA tensors unless ``PROMPTHOOKS_KERNELS`` or
+  ``backend`` forces it; prompted models forced onto the Triton path give the
+  reference path's logits and gradients; an id past the table is refused on both
+  paths.
+
+The interpreter is switched on by ``tests/conftest.py`` (``TRITON_INTERPRET=1``);
+CI also runs the whole suite a second time forced onto the Triton path.
 """
 
 from __future__ import annotations

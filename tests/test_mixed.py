@@ -1,7 +1,11 @@
 """Mixed batches: rows of one batch use different prompts of different lengths.
 
 The reference for every row is the same row run alone with its own prompt
-selected (``att.use(name)``), unpadded.
+selected (``att.use(name)``), unpadded. Hypothesis draws the architecture, the
+row-to-prompt assignment, prompt lengths, padding and methods mixed in one batch
+(Prompt Tuning, P-tuning, prefixes); every row must equal its reference in the
+forward and in greedy ``generate``, and the rows that beams and
+``num_return_sequences`` add follow their row.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 The oracle is the model fed ``inputs_embeds`` built by hand: the token
 embeddings with the encoder's output rows written at the pseudo-token
 positions (plain loops, no library code).
+
+* Pseudo tokens anywhere (the paper's (3, 3, 3) layout), LSTM and MLP encoders, on
+  GPT-2 and a BERT masked LM; ``export()`` keeps the outputs.
+* A PEFT ``P_TUNING`` adapter loaded with ``ph.load_peft`` gives PEFT's logits.
+* ``ph.fill_template`` builds the paper's layouts, and padded template rows equal
+  the rows alone.
 """
 
 from __future__ import annotations

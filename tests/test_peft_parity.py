@@ -1,4 +1,8 @@
-"""A PEFT prompt-tuning adapter, loaded with ``ph.load_peft``, gives PEFT's logits."""
+"""A PEFT prompt-tuning adapter, loaded with ``ph.load_peft``, gives PEFT's logits.
+
+A random PEFT ``PROMPT_TUNING`` adapter on GPT-2, LLaMA and T5 is the oracle: PEFT
+builds its own inputs (the prompt concatenated in front of the embeddings).
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,20 @@
 """Prefix Tuning and P-tuning v2 against independent references.
 
 * PEFT given the same prefix values (GPT-2, LLaMA with grouped-query
-  attention, BERT), and the round trip through ``save_peft`` ->
-  ``PeftModel.from_pretrained``;
+  attention, BERT), unpadded and left/right-padded with explicit position ids,
+  and the round trip through ``save_peft`` -> ``PeftModel.from_pretrained`` ->
+  ``load_peft``;
 * the model fed a hand-filled cache (``shift_positions=False`` too, which PEFT
   cannot express);
 * T5: a hand-written encoder and a hand-filled ``EncoderDecoderCache`` for the
-  decoder self- and cross-attention.
+  decoder self- and cross-attention; changing any one site's table changes both
+  alike.
+
+Also: every prefix parameter and site gets a gradient; gradient checkpointing
+(reentrant and not) gives the same loss and gradients; ``export()`` keeps the
+outputs; in generation a padded row equals the row alone, a cache equals no cache,
+a static cache equals the dynamic one (greedy and beam; soft prompts and mixed
+batches too), and a hand-written decoding loop equals one forward.
 """
 
 from __future__ import annotations

@@ -1,6 +1,17 @@
 """Plain PyTorch models (``nn.Embedding`` + ``nn.MultiheadAttention``): the
 generic locator, soft prompts and input-space prefixes against a float64
-reference written from the weights (tests/plain_models.py)."""
+reference written from the weights (tests/plain_models.py: a causal LM on
+``nn.TransformerEncoder`` and an encoder-decoder on ``nn.Transformer``, batch-first
+and sequence-first; einsum attention, no ``nn.MultiheadAttention``).
+
+* Prompt Tuning, and input-space prefixes at every site, with and without
+  autograd (where PyTorch's fused path would otherwise bypass the hooks);
+* input-space prefixes solved for randomly chosen keys and values make the model
+  compute exactly the attention over those keys;
+* padded rows and mixed batches of prefixes of different lengths equal the rows
+  alone; an optimizer over ``model.parameters()`` trains only the prompts; detaching
+  is bit-identical.
+"""
 
 from __future__ import annotations
 

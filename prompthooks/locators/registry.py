@@ -83,6 +83,6 @@ def locate(model: nn.Module) -> Located:
         "        def locate(self, model): return ph.Located(locator=self.name, "
         "model=model, embedding=..., input_stack=..., encoder_mask_readers=(), "
         "sites=(), max_positions=...)\n\n"
-        "A worked example: README, 'Teaching prompthooks a new architecture', and "
-        "integrations/custom_locator.py.\n"
+        "A worked example: integrations/README.md, 'Teaching prompthooks a new "
+        "architecture', and integrations/custom_locator.py.\n"
     )
