@@ -177,15 +177,14 @@ def prompt_reference(
 
 
 def reference_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The user's labels with -100 at the P virtual positions. A row with no padding
-    also loses its first label: without a prompt nothing predicts it, so it is no
-    target (prompthooks keeps the user's targets)."""
+    """The user's labels with -100 at the P virtual positions. Each row's first
+    real token loses its label too: no real token comes before it, so it is no
+    target (as for the row alone, unpadded)."""
     labels = ids.masked_fill(mask == 0, -100)
     rows = []
     for b in range(ids.shape[0]):
         at, row = first_real(mask[b]), labels[b].clone()
-        if at == 0:
-            row[0] = -100
+        row[at] = -100
         rows.append(torch.cat([row[:at], torch.full((P,), -100), row[at:]]))
     return torch.stack(rows)
 
