@@ -190,7 +190,8 @@ def lengthen(
     first_position: int,
     shifted_labels: bool,
 ) -> None:
-    """Insert the plan's virtual tokens into the call's arguments ``kw``.
+    """Insert the plan's virtual tokens into the call's arguments ``kw``
+    (``shifted_labels``: see ``lengthen_labels``).
 
     ``embedded`` holds the virtual tokens' vectors ``(B, width, H)`` when the
     call passes ``inputs_embeds`` (else the ids go in, and the embedding's
@@ -246,13 +247,15 @@ def lengthen_labels(labels: torch.Tensor, ins: Insertion, shifted: bool) -> torc
     ``t``. A row's first real token has no real token before it: alone and
     unpadded it is no target, and in a left-padded row the bare model would
     predict it from a pad. With a prompt in front of it, it would become a
-    target predicted from the last virtual token, in padded rows only. It is
-    masked in every row, so a row's loss is the same padded or alone, and the
-    loss equals the shifted cross-entropy of the logits returned (the user's
-    length) with the user's labels, whose first real tokens are no targets
-    (unpadded and right-padded rows: exactly the user's labels)."""
+    target predicted from the last virtual token. It is masked in every row,
+    so a row's loss is the same padded or alone, and the loss equals the
+    shifted cross-entropy of the logits returned (the user's length) with the
+    user's labels, whose first real tokens are no targets (unpadded and
+    right-padded rows: exactly the user's labels). Where the prompt follows a
+    first token that stays first (``[CLS]``-first models, ``at`` past it),
+    the token after the prompt has a real predecessor and stays a target."""
     rows, at = ins.rows, ins.at
-    if shifted:
+    if shifted:  # (the callers pass False where the prompt follows a token kept first)
         first = at.clamp(max=labels.shape[1] - 1).unsqueeze(1)  # (B, 1)
         masked = torch.where(rows.counts.unsqueeze(1) > 0, -100, labels.gather(1, first))
         labels = labels.scatter(1, first, masked)

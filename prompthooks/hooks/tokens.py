@@ -82,6 +82,9 @@ class SoftPromptHooks:
         # Pad slots go where the model's own padding goes: in front for decoder-only
         # models (generation appends at the end), at the end for encoders.
         self.pad_front = not (located.is_encoder_decoder or located.cls_first)
+        # A causal loss whose rows start with the prompt: their first real token is
+        # no target (``lengthen_labels``). Not where ``[CLS]`` stays first.
+        self.shifted_labels = located.shifted_labels and not located.cls_first
         self.frames: Frames[TokenCall] = Frames()
         self._handles: list[RemovableHandle] = []
 
@@ -167,7 +170,7 @@ class SoftPromptHooks:
         plan = plan_call(self.bank, self.located, self.pad_front, kw, x)
         if plan.insertion is None:
             return None
-        kw["labels"] = lengthen_labels(labels, plan.insertion, self.located.shifted_labels)
+        kw["labels"] = lengthen_labels(labels, plan.insertion, self.shifted_labels)
         self.frames.open("model", TokenCall(plan=plan, labels_lengthened=True))
         return (), kw
 
@@ -230,7 +233,7 @@ class SoftPromptHooks:
             cache,
             self.stack_takes_positions,
             loc.first_position,
-            loc.shifted_labels,
+            self.shifted_labels,
         )
         return (), kw
 
