@@ -11,16 +11,22 @@ against a linear probe on the frozen model.
 Per cell: test accuracy with batch size 1 and with left-padded batches of 16,
 how many predictions flip between the two, the median seconds per training
 step, the peak memory above the loaded model, and the trainable parameters.
-Issue 19 adds prompthooks-only cells: P-tuning (MLP), Prefix Tuning (MLP) and
-P-tuning v2 started from the task's instruction text (``init="text"``), and
-P-tuning v2 from zero keys and values, next to their random-init runs.
-The run writes a Markdown table, a JSON summary and three PNG plots (accuracy,
-loss curves against PEFT, loss curves per initialisation).
+Issue 19 adds cells started from the task's instruction text (``init="text"``:
+P-tuning (MLP), Prefix Tuning (MLP), P-tuning v2) or from zero keys and values
+(Prefix Tuning (MLP), P-tuning v2), next to their random-init runs. PEFT runs
+its own init where it has one, as the anchor: ``initialize_kv_prefix_from_text``
+(P-tuning v2 only) and ``init_weights="zero"``. Every trained SmolLM2 cell also
+records accuracy against step on held-out training rows (``CURVE_*`` in
+quality_cells.py). The run writes a Markdown table (with an init table and the
+issue's acceptance checks), a JSON summary and three PNG plots (accuracy, loss
+curves against PEFT, loss and held-out accuracy per initialisation).
 
     python benchmarks/quality.py            # the full run (~70 min on 2 CPU cores
-                                            # before the 8 init cells; not re-timed)
+                                            # before the init cells; ~10 min per
+                                            # init cell on 1 thread of a busy machine)
     python benchmarks/quality.py --quick    # 3 steps, 24 test rows per task (~7 min)
     python benchmarks/quality.py --tiny     # random tiny models, synthetic tasks (CI)
+    python benchmarks/quality.py --report-only  # the report from the stored cells
 
 The run is resumable: every finished cell is stored as a JSON file under the
 output folder, and a later run with the same settings skips it (``--fresh``
@@ -48,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_cells import (  # noqa: E402
     BASELINE,
+    CURVE_EVERY,
     LM_BASELINES,
     LM_METHODS,
     PEFT,
@@ -83,11 +90,16 @@ DISPLAY = {
     "prefix_tuning_text": "Prefix Tuning, MLP (10), text init",
     "p_tuning_v2_text": "P-tuning v2 (10), text init",
     "p_tuning_v2_zero": "P-tuning v2 (10), zero init",
+    "prefix_tuning_zero": "Prefix Tuning, MLP (10), zero init",
 }
-#: The init plot: per method, its runs from each initialisation.
+#: The init plot and table: per method, its runs from each initialisation.
 INITS = {
     "P-tuning, MLP": {"random": "p_tuning_mlp", "text": "p_tuning_mlp_text"},
-    "Prefix Tuning, MLP": {"random": "prefix_tuning", "text": "prefix_tuning_text"},
+    "Prefix Tuning, MLP": {
+        "random": "prefix_tuning",
+        "text": "prefix_tuning_text",
+        "zero": "prefix_tuning_zero",
+    },
     "P-tuning v2": {
         "random": "p_tuning_v2",
         "text": "p_tuning_v2_text",
@@ -152,9 +164,15 @@ def fingerprint(settings: Settings, task: Task) -> str:
 
 
 def run(
-    mode: str, settings: Settings, out: Path, fresh: bool, only: list[str] | None
+    mode: str,
+    settings: Settings,
+    out: Path,
+    fresh: bool,
+    only: list[str] | None,
+    report_only: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Run every cell that has no stored result; return all results by cell key."""
+    """Run every cell that has no stored result (none with ``report_only``: a run
+    stopped for time still gets its report); return all results by cell key."""
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     tasks = {family: make_tasks(mode, family) for family in ("lm", "encoder")}
@@ -172,6 +190,10 @@ def run(
                 results[cell.key] = stored
                 continue
         todo.append((cell, task, path, key))
+    if report_only:
+        for cell, *_ in todo:
+            print(f"{cell.key}: not run (--report-only)")
+        return results
     bar = tqdm(todo, desc="cells", unit="cell")
     for cell, task, path, key in bar:
         bar.set_postfix_str(cell.key)
@@ -238,6 +260,23 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], which: str) -> tuple
     mean = sum(d) / n
     var = sum((v - mean) ** 2 for v in d) / max(1, n - 1)
     return mean, 1.96 * math.sqrt(var / n)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of an accuracy of ``k`` right out of ``n`` test rows."""
+    if n == 0:
+        return 0.0, 1.0
+    z = 1.96
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def chance(r: dict[str, Any]) -> float:
+    """The accuracy of always answering the test set's most frequent class."""
+    gold = r["gold"]
+    return max(gold.count(c) for c in set(gold)) / len(gold)
 
 
 def pct(x: float) -> str:
@@ -360,6 +399,79 @@ def compact(results: dict[str, dict[str, Any]], task: str) -> list[str]:
     return lines
 
 
+def init_table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
+    """Issue 19: each prompt method from each init, both libraries, with 95% intervals,
+    then the acceptance checks (text init >= zero-shot, >= PEFT's best variant of the
+    method; text-initialised Prefix Tuning above chance)."""
+    zero_shot = results.get(Cell(task, "lm", "zero_shot", BASELINE).key)
+    if zero_shot is None:
+        return []
+    floor = chance(zero_shot)
+    n = zero_shot["n_test"]
+    lines = [
+        f"{TITLES[task]}, SmolLM2-135M-Instruct, {n} test rows; chance (the most frequent "
+        f"class) {pct(floor)}%. Accuracy in % (batches of 16) with its 95% Wilson interval; "
+        "'vs zero-shot' is the paired difference on the same rows with its 95% interval; "
+        "'held-out curve' is the accuracy on the training rows no step reads, at steps "
+        f"0, {CURVE_EVERY}, {2 * CURVE_EVERY}, ... (empty: stored before curves existed).",
+        "",
+        "| method | init | library | accuracy (95% CI) | vs zero-shot (95% CI) | held-out curve "
+        "| same init as ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    k0 = round(zero_shot["accuracy_batched"] * n)
+    lo, hi = wilson(k0, n)
+    lines.append(f"| zero-shot | | - | {pct(k0 / n)} ({pct(lo)}-{pct(hi)}) | | | |")
+    for title, runs in INITS.items():
+        for init, method in runs.items():
+            for lib in (PROMPTHOOKS, PEFT):
+                r = results.get(Cell(task, "lm", method, lib).key)
+                if r is None:
+                    continue
+                k = round(r["accuracy_batched"] * n)
+                lo, hi = wilson(k, n)
+                m, h = paired_difference(r, zero_shot, "batched")
+                curve = " ".join(pct(a) for _, a in r.get("curve") or [])
+                same = {None: "", True: "yes", False: "no"}[r["same_init"]]
+                lines.append(
+                    f"| {title} | {init} | {lib} | {pct(k / n)} ({pct(lo)}-{pct(hi)}) | "
+                    f"{signed(m)} (±{100 * h:.1f}) | {curve} | {same} |"
+                )
+    lines += ["", "Acceptance (issue 19), point estimates with the paired 95% interval:", ""]
+    for title, runs in INITS.items():
+        ours = results.get(Cell(task, "lm", runs["text"], PROMPTHOOKS).key)
+        if ours is None:
+            continue
+        peft = {
+            init: results[Cell(task, "lm", m, PEFT).key]
+            for init, m in runs.items()
+            if Cell(task, "lm", m, PEFT).key in results
+        }
+        m, h = paired_difference(ours, zero_shot, "batched")
+        ok = "holds" if m >= 0 else "MISSED"
+        lines.append(
+            f"- {title}, text init: {pct(ours['accuracy_batched'])} vs zero-shot "
+            f"{pct(zero_shot['accuracy_batched'])}: {signed(m)} (±{100 * h:.1f}), {ok}."
+        )
+        if peft:
+            best_init, best = max(peft.items(), key=lambda kv: kv[1]["accuracy_batched"])
+            m, h = paired_difference(ours, best, "batched")
+            ok = "holds" if m >= 0 else "MISSED"
+            lines.append(
+                f"  - vs PEFT's best variant ({best_init} init, "
+                f"{pct(best['accuracy_batched'])}): {signed(m)} (±{100 * h:.1f}), {ok}."
+            )
+        if title.startswith("Prefix") or title == "P-tuning v2":
+            k = round(ours["accuracy_batched"] * n)
+            lo, _ = wilson(k, n)
+            ok = "holds" if lo > floor else "MISSED"
+            lines.append(
+                f"  - above chance ({pct(floor)}): 95% interval {pct(lo)}-"
+                f"{pct(wilson(k, n)[1])}, lower end {signed(lo - floor)} points, {ok}."
+            )
+    return lines
+
+
 def report(
     mode: str, settings: Settings, results: dict[str, dict[str, Any]], out: Path, command: str
 ) -> None:
@@ -376,6 +488,10 @@ def report(
     for task in TASKS:
         by_task = {k: v for k, v in results.items() if k.startswith(task + "--")}
         lines += table(by_task, task) + [""]
+    lines += ["Initialisations (issue 19):", ""]
+    for task in TASKS:
+        by_task = {k: v for k, v in results.items() if k.startswith(task + "--")}
+        lines += init_table(by_task, task) + [""]
     lines += ["Compact form (README):", ""]
     for task in TASKS:
         by_task = {k: v for k, v in results.items() if k.startswith(task + "--")}
@@ -466,30 +582,51 @@ def plots(results: dict[str, dict[str, Any]], out: Path) -> None:
 
 
 def init_plot(results: dict[str, dict[str, Any]], out: Path) -> None:
-    """Issue 19: training loss of each method from each initialisation (prompthooks),
-    with the test accuracy (batches of 16) in the legend."""
+    """Issue 19: per method and init, the training loss and the held-out accuracy
+    against the step (prompthooks solid, PEFT's own init dashed); a cell stored before
+    curves existed shows its final test accuracy as a cross at the last step."""
     import matplotlib.pyplot as plt
 
-    styles = {"random": ("#7f7f7f", "-"), "text": ("#2ca02c", "-"), "zero": ("#d62728", "--")}
-    fig, axes = plt.subplots(len(TASKS), len(INITS), figsize=(14, 6.5), sharey="row")
-    for r_i, task in enumerate(TASKS):
+    colors = {"random": "#7f7f7f", "text": "#2ca02c", "zero": "#d62728"}
+    dash = {PROMPTHOOKS: "-", PEFT: "--"}
+    fig, axes = plt.subplots(2 * len(TASKS), len(INITS), figsize=(15, 12), sharex=True)
+    for t_i, task in enumerate(TASKS):
+        zero_shot = results.get(Cell(task, "lm", "zero_shot", BASELINE).key)
         for c_i, (title, runs) in enumerate(INITS.items()):
-            ax = axes[r_i][c_i]
+            loss_ax, acc_ax = axes[2 * t_i][c_i], axes[2 * t_i + 1][c_i]
             for init, method in runs.items():
-                r = results.get(Cell(task, "lm", method, PROMPTHOOKS).key)
-                if r and r["losses"]:
-                    color, style = styles[init]
-                    label = f"{init} init ({pct(r['accuracy_batched'])}%)"
-                    ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=color, ls=style,
-                            label=label, lw=1.3)  # fmt: skip
-            ax.set_title(f"{title}: {task.replace('_', ' ')}", fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            ax.set_yscale("log")
+                for lib in (PROMPTHOOKS, PEFT):
+                    r = results.get(Cell(task, "lm", method, lib).key)
+                    if not r or not r["losses"]:
+                        continue
+                    name = f"{lib}, {init} init ({pct(r['accuracy_batched'])}% test)"
+                    steps = range(1, len(r["losses"]) + 1)
+                    loss_ax.plot(steps, r["losses"], color=colors[init], ls=dash[lib],
+                                 lw=1.2, label=name)  # fmt: skip
+                    if r.get("curve"):
+                        xs, ys = zip(*r["curve"], strict=True)
+                        acc_ax.plot(xs, [100 * y for y in ys], color=colors[init],
+                                    ls=dash[lib], marker="o", ms=3, lw=1.3, label=name)  # fmt: skip
+                    else:
+                        acc_ax.scatter([len(r["losses"])], [100 * r["accuracy_batched"]],
+                                       color=colors[init], marker="x" if lib == PROMPTHOOKS
+                                       else "+", s=60, zorder=3,
+                                       label=f"{name}, no curve stored")  # fmt: skip
+            if zero_shot:
+                acc_ax.axhline(100 * zero_shot["accuracy_batched"], color="black", ls=":",
+                               lw=1, label="zero-shot (test)")  # fmt: skip
+                acc_ax.axhline(100 * chance(zero_shot), color="gray", ls="-.", lw=1,
+                               label="chance (one class)")  # fmt: skip
+            loss_ax.set_title(f"{title}: {task.replace('_', ' ')}", fontsize=9)
+            loss_ax.set_yscale("log")
+            acc_ax.set_ylim(0, 100)
+            acc_ax.set_xlabel("step", fontsize=8)
             if c_i == 0:
-                ax.set_ylabel("training loss")
-            ax.legend(fontsize=7)
+                loss_ax.set_ylabel("training loss")
+                acc_ax.set_ylabel("held-out accuracy (%)")
+            acc_ax.legend(fontsize=6)  # the loss panel above uses the same lines
     fig.tight_layout()
-    fig.savefig(out / "init_curves.png", dpi=110)
+    fig.savefig(out / "init_curves.png", dpi=100)
     plt.close(fig)
 
 
@@ -500,6 +637,9 @@ def main() -> None:
     group.add_argument("--tiny", action="store_true", help="random tiny models (pipeline check)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/)")
     parser.add_argument("--fresh", action="store_true", help="recompute stored cells")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from stored cells, run none"
+    )
     parser.add_argument("--only", nargs="*", help="run only cells whose key contains one of these")
     parser.add_argument(
         "--seed", type=int, default=0, help="training seed (initial values, batch order)"
@@ -512,10 +652,11 @@ def main() -> None:
     out = args.out or RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = run(mode, settings, out, args.fresh, args.only)
+    results = run(mode, settings, out, args.fresh, args.only, args.report_only)
     flags = {"full": "", "quick": " --quick", "tiny": " --tiny"}[mode]
     flags += f" --seed {args.seed}" if args.seed else ""
     flags += f" --only {' '.join(args.only)}" if args.only else ""
+    flags += " --report-only" if args.report_only else ""
     report(mode, settings, results, out, f"python benchmarks/quality.py{flags}")
     print(f"total {time.perf_counter() - start:.0f} s")
 

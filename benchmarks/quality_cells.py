@@ -56,9 +56,28 @@ LM_METHODS: dict[str, tuple[int, float]] = {
     "prefix_tuning_text": (10, 1e-2),
     "p_tuning_v2_text": (10, 1e-2),
     "p_tuning_v2_zero": (10, 1e-2),
+    "prefix_tuning_zero": (10, 1e-2),
 }
-#: The methods both libraries run (the others are prompthooks' only).
-PEFT_METHODS = ("prompt_tuning", "p_tuning_lstm", "p_tuning_mlp", "prefix_tuning", "p_tuning_v2")
+#: The methods both libraries run (the others are prompthooks' only). For the init
+#: variants PEFT runs its own init, not ours: ``initialize_kv_prefix_from_text`` (P-tuning
+#: v2 only: PEFT refuses it with ``prefix_projection=True``) and ``init_weights="zero"``.
+PEFT_METHODS = (
+    "prompt_tuning",
+    "p_tuning_lstm",
+    "p_tuning_mlp",
+    "prefix_tuning",
+    "p_tuning_v2",
+    "p_tuning_v2_text",
+    "p_tuning_v2_zero",
+    "prefix_tuning_zero",
+)
+#: Accuracy against training step (issue 19: do the prefixes learn?): every CURVE_EVERY
+#: steps, and before the first, the trained LM cells score CURVE_ROWS training rows that
+#: no step of the batch plan reads (a held-out split of the training data, never the test
+#: set). Not part of ``Settings``: it does not change what is trained, and keeping it out
+#: keeps the stored cells' fingerprints (cells stored before it have no curve).
+CURVE_EVERY = 5
+CURVE_ROWS = 64
 LM_BASELINES = ("zero_shot", "icl_4shot")
 ENCODER_LR = 1e-2
 PREFIX_HIDDEN = 512  # the prefix MLP's hidden width, both libraries
@@ -277,6 +296,8 @@ def our_spec(method: str, task: Task, tokenizer: Any, hidden: int) -> Any:
         return ph.PrefixTuning(n, projection=False, **text)
     if method == "p_tuning_v2_zero":
         return ph.PrefixTuning(n, projection=False, init="zero")
+    if method == "prefix_tuning_zero":
+        return ph.PrefixTuning(n, projection=True, hidden_size=PREFIX_HIDDEN, init="zero")
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -303,15 +324,18 @@ def peft_config(method: str, task_type: str, hidden: int) -> Any:
             encoder_reparameterization_type="MLP",
             encoder_hidden_size=hidden,
         )
-    if method == "prefix_tuning":
+    if method in ("prefix_tuning", "prefix_tuning_zero"):
         return PrefixTuningConfig(
             task_type=task_type,
             num_virtual_tokens=n,
             prefix_projection=True,
             encoder_hidden_size=PREFIX_HIDDEN,
+            init_weights="zero" if method == "prefix_tuning_zero" else None,
         )
-    if method == "p_tuning_v2":
+    if method in ("p_tuning_v2", "p_tuning_v2_text"):  # text: peft_init fills the table
         return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=n)
+    if method == "p_tuning_v2_zero":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=n, init_weights="zero")
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -327,6 +351,44 @@ _NAME_MAPS: dict[str, Callable[[str], str]] = {
         .replace("encoder.mlp.", "mlp_head.")
     ),
 }
+
+
+#: The init variants where PEFT starts from its own values (see ``peft_init``):
+#: ``same_init`` then says whether they came out equal to ours.
+_OWN_INIT: dict[str, Callable[[str], str]] = {
+    "p_tuning_v2_text": lambda k: {"weight": "embedding.weight"}[k],
+    "p_tuning_v2_zero": lambda k: {"weight": "embedding.weight"}[k],
+}
+
+
+def peft_init(method: str, task: Task, tokenizer: Any) -> Callable[[Any], None] | None:
+    """PEFT's own text init for a ``*_text`` method, applied to the ``PeftModel``.
+
+    ``initialize_kv_prefix_from_text`` with its defaults, as a PEFT user calls it: it
+    prefills the text in the tokenizer's chat template (a system message) where there
+    is one, and takes the first ``num_virtual_tokens`` cached keys/values; it refuses
+    ``prefix_projection=True`` and a text shorter than the prefix (no repeating).
+    Without the chat template its table equals ours exactly (checked on SmolLM2)."""
+    if not method.endswith("_text"):
+        return None
+    from peft.tuners.cartridge.utils import initialize_kv_prefix_from_text
+
+    def apply(wrapped: Any) -> None:
+        initialize_kv_prefix_from_text(wrapped, tokenizer, text=task.init_text)
+
+    return apply
+
+
+def same_values(method: str, ours: dict[str, torch.Tensor], peft_encoder: nn.Module) -> bool:
+    """Whether PEFT's own initial values equal ours (False where the networks differ)."""
+    rename = _OWN_INIT.get(method)
+    if rename is None:
+        return False
+    theirs = dict(peft_encoder.named_parameters())
+    return all(
+        v.shape == theirs[rename(k)].shape and torch.allclose(v, theirs[rename(k)], atol=1e-6)
+        for k, v in ours.items()
+    )
 
 
 def copy_into_peft(method: str, ours: dict[str, torch.Tensor], peft_encoder: nn.Module) -> bool:
@@ -346,12 +408,18 @@ def copy_into_peft(method: str, ours: dict[str, torch.Tensor], peft_encoder: nn.
 
 @contextmanager
 def prepared(
-    cell: Cell, model: nn.Module, spec: Any, peft_cfg: Callable[[], Any], seed: int
+    cell: Cell,
+    model: nn.Module,
+    spec: Any,
+    peft_cfg: Callable[[], Any],
+    seed: int,
+    own_init: Callable[[Any], None] | None = None,
 ) -> Iterator[tuple[Any, list[nn.Parameter], bool | None]]:
     """Yield (what to call, trainable prompt parameters, same initial values as ours).
 
     Our prompt is built first in both cases, from the same seed, so that PEFT
-    can be given its values."""
+    can be given its values. An init variant keeps PEFT's own values instead
+    (its config's ``init_weights``, then ``own_init`` on the wrapped model)."""
     torch.manual_seed(1234 + seed)
     with ph.attach(model, spec) as att:
         initial = {k: v.detach().clone() for k, v in att.prompts["default"].state_dict().items()}
@@ -364,7 +432,13 @@ def prepared(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = get_peft_model(model, peft_cfg())
-    same = copy_into_peft(cell.method, initial, wrapped.prompt_encoder["default"])
+    encoder = wrapped.prompt_encoder["default"]
+    if cell.method.endswith(("_text", "_zero")):
+        if own_init is not None:
+            own_init(wrapped)
+        same = same_values(cell.method, initial, encoder)
+    else:
+        same = copy_into_peft(cell.method, initial, encoder)
     yield wrapped, [p for p in wrapped.parameters() if p.requires_grad], same
 
 
@@ -375,6 +449,14 @@ def prepared(
 class Trained:
     losses: list[float]
     step_seconds: list[float]
+    #: (step, held-out accuracy) every CURVE_EVERY steps from step 0, if a probe was given.
+    curve: list[tuple[int, float]] | None = None
+
+
+def held_out_rows(n_rows: int, plan: list[list[int]], count: int) -> list[int]:
+    """The first ``count`` training rows that no step of ``plan`` reads."""
+    read = {i for rows in plan for i in rows}
+    return [i for i in range(n_rows) if i not in read][:count]
 
 
 def train(
@@ -384,8 +466,13 @@ def train(
     lr: float,
     settings: Settings,
     label: str,
+    probe: Callable[[], float] | None = None,
 ) -> Trained:
-    """Plain AdamW with linear warm-up and decay and gradient clipping: the user's loop."""
+    """Plain AdamW with linear warm-up and decay and gradient clipping: the user's loop.
+
+    ``probe`` (held-out accuracy) runs before the first step and every CURVE_EVERY
+    steps, outside the timed step; it reads no random numbers, so the trained
+    values are those of a run without it."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, int(settings.warmup * len(plan)))
 
@@ -396,6 +483,7 @@ def train(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     losses, seconds = [], []
+    curve = None if probe is None else [(0, probe())]
     for rows in tqdm(plan, desc=f"  train {label}", leave=False, unit="step", position=1):
         start = time.perf_counter()
         loss = loss_of(rows)
@@ -408,7 +496,10 @@ def train(
         losses.append(float(loss))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{label}: loss became {losses[-1]} at step {len(losses)}")
-    return Trained(losses, seconds)
+        done = len(losses)
+        if curve is not None and probe and (done % CURVE_EVERY == 0 or done == len(plan)):
+            curve.append((done, probe()))
+    return Trained(losses, seconds, curve)
 
 
 def predictions(
@@ -452,7 +543,8 @@ def run_lm_cell(cell: Cell, task: Task, settings: Settings) -> dict[str, Any]:
         else:
             spec = our_spec(cell.method, task, tokenizer, hidden)
             cfg = lambda: peft_config(cell.method, "CAUSAL_LM", hidden)  # noqa: E731
-            with prepared(cell, model, spec, cfg, settings.seed) as (target, params, same):
+            own = peft_init(cell.method, task, tokenizer)
+            with prepared(cell, model, spec, cfg, settings.seed, own) as (target, params, same):
                 result["same_init"] = same
                 result["trainable_params"] = sum(p.numel() for p in params)
                 targets = torch.tensor([words[y] for _, y in task.train])
@@ -464,8 +556,25 @@ def run_lm_cell(cell: Cell, task: Task, settings: Settings) -> dict[str, Any]:
                     return nn.functional.cross_entropy(logits, targets[rows])
 
                 plan = batches(task.train, settings.lm_batch, settings.lm_steps, settings.seed)
+                held = held_out_rows(len(task.train), plan, CURVE_ROWS)
+                gold_held = [task.train[i][1] for i in held]
+
+                def held_out_accuracy() -> float:
+                    nn.Module.eval(target)
+                    right = 0
+                    with torch.no_grad():
+                        for i in range(0, len(held), settings.eval_batch):
+                            rows = held[i : i + settings.eval_batch]
+                            batch = encode(tokenizer, [train_q[j] for j in rows], True)
+                            pred = last_logits(target, batch)[:, words].argmax(-1).tolist()
+                            right += sum(p == gold_held[i + k] for k, p in enumerate(pred))
+                    return right / max(1, len(held))
+
                 lr = LM_METHODS[cell.method][1]
-                trained = train(params, loss_of, plan, lr, settings, cell.key)
+                trained = train(
+                    params, loss_of, plan, lr, settings, cell.key, probe=held_out_accuracy
+                )
+                result["curve_rows"] = len(held)
                 nn.Module.eval(target)
 
                 def trained_scores(rows: list[int]) -> torch.Tensor:
@@ -608,6 +717,7 @@ def _result(
         "predictions_batched": many,
         "gold": gold,
         "losses": trained.losses if trained else [],
+        "curve": trained.curve if trained and trained.curve is not None else [],
         "step_seconds_median": statistics.median(trained.step_seconds) if trained else None,
         "steps": len(trained.losses) if trained else 0,
         "peak_extra_mb": memory.extra_mb,

@@ -127,5 +127,6 @@ def tiny_task(name: str, num_labels: int, n_train: int, n_test: int, seed: int) 
         test=rows[n_train:],
         label_words=tuple(f" w{3 + i}" for i in range(num_labels)),
         template="w60 {text} w61",
-        init_text="w62 w63 w62",
+        # As long as the prefix (10): PEFT's text init takes no shorter text.
+        init_text="w62 w63 w62 w61 w60 w62 w63 w62 w61 w60 w62",
     )

@@ -22,9 +22,19 @@ pytestmark = pytest.mark.workflow  # the result does not depend on the kernel pa
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 TASKS = ("rotten_tomatoes", "bbc_news")
-LM_TRAINED = ("prompt_tuning", "p_tuning_lstm", "p_tuning_mlp", "prefix_tuning", "p_tuning_v2")
-#: Issue 19's initialisations, prompthooks only.
-LM_INITS = ("p_tuning_mlp_text", "prefix_tuning_text", "p_tuning_v2_text", "p_tuning_v2_zero")
+LM_TRAINED = (
+    "prompt_tuning",
+    "p_tuning_lstm",
+    "p_tuning_mlp",
+    "prefix_tuning",
+    "p_tuning_v2",
+    # Issue 19's initialisations that PEFT has too (its own init: the anchors).
+    "p_tuning_v2_text",
+    "p_tuning_v2_zero",
+    "prefix_tuning_zero",
+)
+#: Issue 19's initialisations that PEFT lacks: prompthooks only.
+LM_INITS = ("p_tuning_mlp_text", "prefix_tuning_text")
 
 
 def run(out: Path) -> str:
@@ -87,17 +97,44 @@ def test_peft_starts_from_our_values_where_the_networks_agree(
         for method in ("p_tuning_mlp", "prefix_tuning"):  # different networks in PEFT
             assert cells[f"{task}--lm--{method}--peft"]["same_init"] is False
         assert cells[f"{task}--encoder--p_tuning_v2--peft"]["same_init"] is True
+        # PEFT's own inits: zeros are zeros; its text init, with no chat template to wrap
+        # the text in (the tiny tokenizer has none), reads the same keys and values as ours.
+        for method in ("p_tuning_v2_text", "p_tuning_v2_zero"):
+            assert cells[f"{task}--lm--{method}--peft"]["same_init"] is True
+        assert cells[f"{task}--lm--prefix_tuning_zero--peft"]["same_init"] is False
 
 
 def test_p_tuning_v2_trains_exactly_like_peft(results: tuple[Path, dict[str, dict]]) -> None:
-    """Same initial prefix, batches and positions: PEFT is the oracle for every step."""
+    """Same initial prefix, batches and positions: PEFT is the oracle for every step,
+    from a random, a text and a zero start."""
     _, cells = results
+    pairs = [(family, "p_tuning_v2") for family in ("lm", "encoder")]
+    pairs += [("lm", "p_tuning_v2_text"), ("lm", "p_tuning_v2_zero")]
     for task in TASKS:
-        for family in ("lm", "encoder"):
-            ours = cells[f"{task}--{family}--p_tuning_v2--prompthooks"]["losses"]
-            peft = cells[f"{task}--{family}--p_tuning_v2--peft"]["losses"]
+        for family, method in pairs:
+            ours = cells[f"{task}--{family}--{method}--prompthooks"]["losses"]
+            peft = cells[f"{task}--{family}--{method}--peft"]["losses"]
             assert len(ours) == len(peft)
             assert max(abs(a - b) for a, b in zip(ours, peft, strict=True)) < 1e-5
+
+
+def test_trained_lm_cells_record_held_out_accuracy_against_step(
+    results: tuple[Path, dict[str, dict]],
+) -> None:
+    """Issue 19's curves: held-out accuracy before the first step, every few steps and
+    after the last; the same for PEFT where it starts from our values."""
+    _, cells = results
+    for key, r in cells.items():
+        if "--lm--" not in key or r["steps"] == 0:
+            assert r["curve"] == []
+            continue
+        steps = [s for s, _ in r["curve"]]
+        assert steps[0] == 0 and steps[-1] == r["steps"] and steps == sorted(set(steps))
+        assert all(0.0 <= a <= 1.0 for _, a in r["curve"]) and r["curve_rows"] > 0
+    for task in TASKS:
+        for method in ("p_tuning_v2", "p_tuning_v2_text"):
+            ours = cells[f"{task}--lm--{method}--prompthooks"]["curve"]
+            assert ours == cells[f"{task}--lm--{method}--peft"]["curve"]
 
 
 def test_report_and_plots_are_written(results: tuple[Path, dict[str, dict]]) -> None:
@@ -113,6 +150,7 @@ def test_report_and_plots_are_written(results: tuple[Path, dict[str, dict]]) -> 
         assert f"| {method.replace('_', ' ')} | peft |" not in table
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == set(cells)
+    assert "Acceptance (issue 19)" in table
     for name in ("accuracy.png", "loss_curves.png", "init_curves.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
