@@ -133,30 +133,35 @@ for version in range(1, 10**6):
 """
 
 
-def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) -> None:
-    """A process saves 2 MB files in a loop and is killed with SIGKILL at a
-    random moment: the file is always a whole, earlier version."""
-    path = tmp_path / "prompt.safetensors"
+def _kill_writers_and_check(script: str, path: Path, seed: int) -> None:
+    """Start ``script`` saving to ``path`` twice, SIGKILL it at a random moment each
+    time, and check the file is one whole version: the last the writer reported
+    finished, or the one after. No stray temporary file is ever read."""
     io.save({"default": PromptTable(torch.zeros(256, 2048))}, path)
-    rng = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(seed)
     for _ in range(2):
         writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
         )
         assert writer.stdout is not None
         finished = int(writer.stdout.readline())  # at least one save completed
         time.sleep(float(torch.rand((), generator=rng)) * 0.2)
         writer.send_signal(signal.SIGKILL)
         rest = writer.stdout.read().split()
-        writer.wait()
+        assert writer.wait() == -signal.SIGKILL  # killed, not stopped by its own check
         finished = int(rest[-1]) if rest else finished
-        table = ph.load(path)["default"].table()
+        table = ph.load(path)["default"].table()  # (``ph.load`` refuses NaN)
         value = float(table[0, 0].detach())
         assert torch.equal(table, torch.full_like(table, value))  # one version, whole
-        assert finished <= value <= finished + 1  # the last finished one, or the one after
-    stray = [p for p in tmp_path.iterdir() if p != path]
-    names = sorted(p.name for p in stray)
-    assert all(n.startswith(".prompt.safetensors.") for n in names), names  # never read
+        assert finished <= value <= finished + 1
+    stray = sorted(p.name for p in path.parent.iterdir() if p != path)
+    assert all(n.startswith(".prompt.safetensors.") for n in stray), stray  # never read
+
+
+def test_killing_the_writer_at_any_moment_leaves_a_whole_file(tmp_path: Path) -> None:
+    """A process saves 2 MB files in a loop and is killed with SIGKILL at a
+    random moment: the file is always a whole, earlier version."""
+    _kill_writers_and_check(WRITER, tmp_path / "prompt.safetensors", seed=0)
 
 
 REFUSED_WRITER = """
@@ -185,26 +190,7 @@ def test_killing_a_writer_between_good_and_refused_saves_leaves_the_last_good_fi
     """A process alternates good saves with saves of a diverged (NaN) prompt,
     which are refused, and is killed with SIGKILL at random moments: the file
     always loads (``ph.load`` refuses NaN) as one whole good version."""
-    path = tmp_path / "prompt.safetensors"
-    io.save({"default": PromptTable(torch.zeros(256, 2048))}, path)
-    rng = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        writer = subprocess.Popen(
-            [sys.executable, "-c", REFUSED_WRITER, str(path)], stdout=subprocess.PIPE, text=True
-        )
-        assert writer.stdout is not None
-        finished = int(writer.stdout.readline())
-        time.sleep(float(torch.rand((), generator=rng)) * 0.2)
-        writer.send_signal(signal.SIGKILL)
-        rest = writer.stdout.read().split()
-        assert writer.wait() == -signal.SIGKILL  # killed, not stopped by a saved NaN
-        finished = int(rest[-1]) if rest else finished
-        table = ph.load(path)["default"].table()
-        value = float(table[0, 0].detach())
-        assert torch.equal(table, torch.full_like(table, value))  # one good version, whole
-        assert finished <= value <= finished + 1
-    stray = [p.name for p in tmp_path.iterdir() if p != path]
-    assert all(n.startswith(".prompt.safetensors.") for n in stray), stray
+    _kill_writers_and_check(REFUSED_WRITER, tmp_path / "prompt.safetensors", seed=1)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
