@@ -57,6 +57,8 @@ from quality_cells import (  # noqa: E402
     CURVE_EVERY,
     LM_BASELINES,
     LM_METHODS,
+    LR_CHOSEN_BY,
+    LR_GRID,
     PEFT,
     PEFT_METHODS,
     PROMPTHOOKS,
@@ -130,6 +132,9 @@ def plan() -> list[Cell]:
     cells = []
     for task in TASKS:
         cells += [Cell(task, "lm", m, BASELINE) for m in LM_BASELINES]
+        # the learning-rate trials come before the cells that train with their choice
+        for chooser in dict.fromkeys(LR_CHOSEN_BY.values()):
+            cells += [Cell(task, "lm", chooser, PROMPTHOOKS, lr) for lr in LR_GRID]
         for method in LM_METHODS:
             libraries = (PROMPTHOOKS, PEFT) if method in PEFT_METHODS else (PROMPTHOOKS,)
             cells += [Cell(task, "lm", method, lib) for lib in libraries]
@@ -157,10 +162,28 @@ def make_tasks(mode: str, family: str) -> dict[str, Task]:
     return out
 
 
-def fingerprint(settings: Settings, task: Task) -> str:
-    """What a stored cell must match to be reused."""
-    text = json.dumps([asdict(settings), task.__dict__], sort_keys=True, default=str)
+def fingerprint(settings: Settings, task: Task, lr: float | None = None) -> str:
+    """What a stored cell must match to be reused (``lr``: a rate chosen by trials)."""
+    parts: list[Any] = [asdict(settings), task.__dict__] + ([lr] if lr is not None else [])
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def trials(results: dict[str, dict[str, Any]], task: str, method: str) -> list[dict[str, Any]]:
+    """The stored learning-rate trials that choose ``method``'s rate on ``task``."""
+    chooser = LR_CHOSEN_BY[method]
+    keys = [Cell(task, "lm", chooser, PROMPTHOOKS, lr).key for lr in LR_GRID]
+    return [results[k] for k in keys if k in results]
+
+
+def chosen_lr(results: dict[str, dict[str, Any]], task: str, method: str) -> float | None:
+    """The trial rate with the best held-out accuracy (ties: the lower held-out loss);
+    None until every trial of the grid has run."""
+    done = trials(results, task, method)
+    if len(done) < len(LR_GRID):
+        return None
+    best = max(done, key=lambda r: (r["select_accuracy"], -r["select_loss"]))
+    return float(best["lr"])
 
 
 def run(
@@ -177,32 +200,40 @@ def run(
     cells_dir.mkdir(parents=True, exist_ok=True)
     tasks = {family: make_tasks(mode, family) for family in ("lm", "encoder")}
     results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for cell in plan():
-        if only and not any(part in cell.key for part in only):
-            continue
+    cells = [c for c in plan() if not only or any(part in c.key for part in only)]
+    bar = tqdm(cells, desc="cells", unit="cell")
+    for cell in bar:  # in plan order: a rate's trials run before the cells it decides
         task = tasks[cell.family][cell.task]
         path = cells_dir / f"{cell.key}.json"
-        key = fingerprint(settings, task)
+        lr = None
+        if cell.lr is None and cell.method in LR_CHOSEN_BY:
+            lr = chosen_lr(results, cell.task, cell.method)
+            if lr is None:
+                tqdm.write(f"{cell.key}: not run (its learning-rate trials have not all run)")
+                continue
+        key = fingerprint(settings, task, lr)
         if path.is_file() and not fresh:
             stored = json.loads(path.read_text())
             if stored.get("fingerprint") == key:
                 results[cell.key] = stored
                 continue
-        todo.append((cell, task, path, key))
-    if report_only:
-        for cell, *_ in todo:
-            print(f"{cell.key}: not run (--report-only)")
-        return results
-    bar = tqdm(todo, desc="cells", unit="cell")
-    for cell, task, path, key in bar:
+        if report_only:
+            tqdm.write(f"{cell.key}: not run (--report-only)")
+            continue
         bar.set_postfix_str(cell.key)
         start = time.perf_counter()
-        run_in_child(cell, task, settings, path, key)
+        run_in_child(cell, task, settings, path, key, lr)
         result = json.loads(path.read_text())
         result["seconds"] = time.perf_counter() - start
         path.write_text(json.dumps(result) + "\n")
         results[cell.key] = result
+        if cell.lr is not None:
+            tqdm.write(
+                f"{cell.key}: held-out accuracy {result['select_accuracy']:.3f}, loss "
+                f"{result['select_loss']:.3f} ({result['select_rows']} rows), "
+                f"{result['seconds']:.0f} s"
+            )
+            continue
         tqdm.write(
             f"{cell.key}: accuracy {result['accuracy_batched']:.3f} (batched), "
             f"{result['accuracy_batch1']:.3f} (batch 1), {result['flips']} flips, "
@@ -211,22 +242,28 @@ def run(
     return results
 
 
-def run_cell(cell: Cell, task: Task, settings: Settings, path: Path, key: str) -> None:
+def run_cell(
+    cell: Cell, task: Task, settings: Settings, path: Path, key: str, lr: float | None
+) -> None:
     """Run one cell and store its result; a killed run never leaves a half-written file."""
-    runner = run_lm_cell if cell.family == "lm" else run_encoder_cell
-    result = runner(cell, task, settings)
+    if cell.family == "lm":
+        result = run_lm_cell(cell, task, settings, lr)
+    else:
+        result = run_encoder_cell(cell, task, settings)
     result["fingerprint"] = key
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result) + "\n")
     os.replace(tmp, path)
 
 
-def run_in_child(cell: Cell, task: Task, settings: Settings, path: Path, key: str) -> None:
+def run_in_child(
+    cell: Cell, task: Task, settings: Settings, path: Path, key: str, lr: float | None
+) -> None:
     """Run a cell in a forked process: its memory peak is its own, and whatever a library
     does to the model (PEFT wraps it) ends with the process. This process never runs
     a torch computation, so the fork starts clean."""
     if not hasattr(os, "fork"):
-        run_cell(cell, task, settings, path, key)
+        run_cell(cell, task, settings, path, key, lr)
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -234,7 +271,7 @@ def run_in_child(cell: Cell, task: Task, settings: Settings, path: Path, key: st
     if pid == 0:
         code = 1
         try:
-            run_cell(cell, task, settings, path, key)
+            run_cell(cell, task, settings, path, key, lr)
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -320,7 +357,7 @@ def row(results: dict[str, dict[str, Any]], cell: Cell, reference: Cell, peft: C
 
 def table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
     """The Markdown lines of one task: SmolLM2, then MiniLM."""
-    n = next((r["n_test"] for r in results.values()), "?")
+    n = next((r["n_test"] for r in results.values() if "n_test" in r), "?")
     icl = Cell(task, "lm", "icl_4shot", BASELINE)
     lines = [f"**{TITLES[task]}**, SmolLM2-135M-Instruct, {n} test rows", ""]
     lines += header("4-shot")
@@ -345,7 +382,7 @@ def table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
 
 def compact(results: dict[str, dict[str, Any]], task: str) -> list[str]:
     """One row per method, both libraries side by side (the README's table)."""
-    n = next((r["n_test"] for r in results.values()), "?")
+    n = next((r["n_test"] for r in results.values() if "n_test" in r), "?")
     icl = results.get(Cell(task, "lm", "icl_4shot", BASELINE).key)
     probe = results.get(Cell(task, "encoder", "linear_probe", BASELINE).key)
     lines = [
@@ -472,6 +509,33 @@ def init_table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
     return lines
 
 
+def lr_table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
+    """Issue 19: each learning-rate trial's held-out score, and the rate chosen."""
+    lines = []
+    for chooser in dict.fromkeys(LR_CHOSEN_BY.values()):
+        done = trials(results, task, chooser)
+        if not done:
+            continue
+        followers = ", ".join(DISPLAY[m] for m, c in LR_CHOSEN_BY.items() if c == chooser)
+        lines += [
+            f"{TITLES[task]}: {DISPLAY[chooser]} (prompthooks) trained once per rate; scored "
+            f"on {done[0]['select_rows']} training rows no step reads. The chosen rate trains "
+            f"{followers} (both libraries).",
+            "",
+            "| learning rate | held-out accuracy | held-out loss | final training loss | chosen |",
+            "|---|---|---|---|---|",
+        ]
+        chosen = chosen_lr(results, task, chooser)
+        for r in done:
+            mark = "yes" if chosen is not None and r["lr"] == chosen else ""
+            lines.append(
+                f"| {r['lr']:.0e} | {pct(r['select_accuracy'])} | {r['select_loss']:.3f} | "
+                f"{r['losses'][-1]:.3f} | {mark} |"
+            )
+        lines.append("")
+    return lines
+
+
 def report(
     mode: str, settings: Settings, results: dict[str, dict[str, Any]], out: Path, command: str
 ) -> None:
@@ -488,6 +552,9 @@ def report(
     for task in TASKS:
         by_task = {k: v for k, v in results.items() if k.startswith(task + "--")}
         lines += table(by_task, task) + [""]
+    lines += ["Learning rates chosen on held-out training rows (issue 19):", ""]
+    for task in TASKS:
+        lines += lr_table(results, task)
     lines += ["Initialisations (issue 19):", ""]
     for task in TASKS:
         by_task = {k: v for k, v in results.items() if k.startswith(task + "--")}

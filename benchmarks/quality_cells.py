@@ -78,6 +78,21 @@ PEFT_METHODS = (
 #: keeps the stored cells' fingerprints (cells stored before it have no curve).
 CURVE_EVERY = 5
 CURVE_ROWS = 64
+#: Learning rates chosen on held-out training rows (issue 19). At the PEFT examples'
+#: 1e-2, the prefix MLP's first AdamW step moves its key/value table by half its norm
+#: (``benchmarks/prefix_step_size.py``; P-tuning v2's table: 0.2%), and every Prefix-MLP
+#: cell ended at chance. So, per task, the text-initialised prompthooks prefix is trained
+#: once with each rate of LR_GRID, and the rate whose run scores best on SELECT_ROWS
+#: training rows that no step reads (ties: the lower held-out loss) is the one every
+#: Prefix-MLP cell of that task trains with: random, text and zero init, both libraries.
+#: The test set plays no part in the choice. Method -> the method whose runs choose.
+LR_CHOSEN_BY = {
+    "prefix_tuning": "prefix_tuning_text",
+    "prefix_tuning_text": "prefix_tuning_text",
+    "prefix_tuning_zero": "prefix_tuning_text",
+}
+LR_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
+SELECT_ROWS = 200
 LM_BASELINES = ("zero_shot", "icl_4shot")
 ENCODER_LR = 1e-2
 PREFIX_HIDDEN = 512  # the prefix MLP's hidden width, both libraries
@@ -107,10 +122,14 @@ class Cell:
     family: str  # "lm" (SmolLM2) or "encoder" (all-MiniLM-L6-v2)
     method: str
     library: str  # PROMPTHOOKS, PEFT or BASELINE
+    #: A learning-rate trial (LR_CHOSEN_BY): train with this rate, score held-out
+    #: training rows only (no test rows).
+    lr: float | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.task}--{self.family}--{self.method}--{self.library.replace('-', 'none')}"
+        key = f"{self.task}--{self.family}--{self.method}--{self.library.replace('-', 'none')}"
+        return key if self.lr is None else f"{key}--lr{self.lr:.0e}"
 
 
 # --- models -----------------------------------------------------------------------------
@@ -524,8 +543,12 @@ def evaluate(
     return one, many
 
 
-def run_lm_cell(cell: Cell, task: Task, settings: Settings) -> dict[str, Any]:
-    """A SmolLM2 cell: a baseline (zero-shot, 4-shot) or one method with one library."""
+def run_lm_cell(
+    cell: Cell, task: Task, settings: Settings, lr: float | None = None
+) -> dict[str, Any]:
+    """A SmolLM2 cell: a baseline (zero-shot, 4-shot), one method with one library
+    (trained with ``lr``, else the method's LM_METHODS rate), or a learning-rate
+    trial (``cell.lr``: scored on held-out training rows only)."""
     model, tokenizer = load_lm(settings.tiny)
     model.requires_grad_(False)
     words = label_token_ids(tokenizer, task)
@@ -557,24 +580,44 @@ def run_lm_cell(cell: Cell, task: Task, settings: Settings) -> dict[str, Any]:
 
                 plan = batches(task.train, settings.lm_batch, settings.lm_steps, settings.seed)
                 held = held_out_rows(len(task.train), plan, CURVE_ROWS)
-                gold_held = [task.train[i][1] for i in held]
 
-                def held_out_accuracy() -> float:
+                def held_out(rows: list[int]) -> tuple[float, float]:
+                    """Accuracy and mean loss on training rows no step reads."""
                     nn.Module.eval(target)
-                    right = 0
+                    right, loss = 0, 0.0
                     with torch.no_grad():
-                        for i in range(0, len(held), settings.eval_batch):
-                            rows = held[i : i + settings.eval_batch]
-                            batch = encode(tokenizer, [train_q[j] for j in rows], True)
-                            pred = last_logits(target, batch)[:, words].argmax(-1).tolist()
-                            right += sum(p == gold_held[i + k] for k, p in enumerate(pred))
-                    return right / max(1, len(held))
+                        for i in range(0, len(rows), settings.eval_batch):
+                            part = rows[i : i + settings.eval_batch]
+                            batch = encode(tokenizer, [train_q[j] for j in part], True)
+                            logits = last_logits(target, batch)
+                            loss += float(
+                                nn.functional.cross_entropy(logits, targets[part], reduction="sum")
+                            )
+                            pred = logits[:, words].argmax(-1).tolist()
+                            gold = [task.train[j][1] for j in part]
+                            right += sum(p == y for p, y in zip(pred, gold, strict=True))
+                    return right / max(1, len(rows)), loss / max(1, len(rows))
 
-                lr = LM_METHODS[cell.method][1]
+                rate = cell.lr or lr or LM_METHODS[cell.method][1]
                 trained = train(
-                    params, loss_of, plan, lr, settings, cell.key, probe=held_out_accuracy
-                )
+                    params, loss_of, plan, rate, settings, cell.key,
+                    probe=lambda: held_out(held)[0],
+                )  # fmt: skip
                 result["curve_rows"] = len(held)
+                result["lr"] = rate
+                if cell.lr is not None:  # a trial: held-out rows only
+                    chosen_on = held_out_rows(len(task.train), plan, SELECT_ROWS)
+                    accuracy, loss = held_out(chosen_on)
+                    return {
+                        **result,
+                        "cell": cell.__dict__,
+                        "select_rows": len(chosen_on),
+                        "select_accuracy": accuracy,
+                        "select_loss": loss,
+                        "losses": trained.losses,
+                        "curve": trained.curve or [],
+                        "step_seconds_median": statistics.median(trained.step_seconds),
+                    }
                 nn.Module.eval(target)
 
                 def trained_scores(rows: list[int]) -> torch.Tensor:

@@ -35,6 +35,9 @@ LM_TRAINED = (
 )
 #: Issue 19's initialisations that PEFT lacks: prompthooks only.
 LM_INITS = ("p_tuning_mlp_text", "prefix_tuning_text")
+#: Issue 19: the Prefix-MLP learning rate is chosen by trials on held-out training rows.
+LR_TRIALS = ("1e-02", "1e-03", "1e-04", "1e-05")
+PREFIX_MLP = ("prefix_tuning", "prefix_tuning_text", "prefix_tuning_zero")
 
 
 def run(out: Path) -> str:
@@ -67,8 +70,12 @@ def test_every_cell_runs_for_both_libraries(results: tuple[Path, dict[str, dict]
         expected |= {f"{task}--lm--{m}--prompthooks" for m in LM_INITS}
         expected.add(f"{task}--encoder--linear_probe--none")
         expected |= {f"{task}--encoder--p_tuning_v2--{lib}" for lib in ("prompthooks", "peft")}
-    assert set(cells) == expected
+    trial = "{}--lm--prefix_tuning_text--prompthooks--lr{}"
+    trials = {trial.format(task, lr) for task in TASKS for lr in LR_TRIALS}
+    assert set(cells) == expected | trials
     for key, r in cells.items():
+        if key in trials:
+            continue
         assert r["n_test"] == len(r["predictions_batch1"]) == len(r["predictions_batched"]) > 0
         if "zero_shot" in key or "icl" in key:
             assert r["losses"] == [] and r["trainable_params"] == 0
@@ -77,11 +84,34 @@ def test_every_cell_runs_for_both_libraries(results: tuple[Path, dict[str, dict]
             assert r["step_seconds_median"] > 0
 
 
+def test_prefix_mlp_rate_is_chosen_on_held_out_training_rows_only(
+    results: tuple[Path, dict[str, dict]],
+) -> None:
+    """Each trial trains once and scores training rows that no step read (never a test
+    row); every Prefix-MLP cell of the task, both libraries, trains with the rate of the
+    best trial (ties: the lower held-out loss)."""
+    _, cells = results
+    for task in TASKS:
+        runs = [cells[f"{task}--lm--prefix_tuning_text--prompthooks--lr{lr}"] for lr in LR_TRIALS]
+        for r, lr in zip(runs, LR_TRIALS, strict=True):
+            assert r["lr"] == float(lr) and len(r["losses"]) > 0 and r["select_rows"] > 0
+            assert "predictions_batched" not in r and "gold" not in r  # no test rows read
+        best = max(runs, key=lambda r: (r["select_accuracy"], -r["select_loss"]))
+        for method in PREFIX_MLP:
+            for lib in ("prompthooks", "peft"):
+                key = f"{task}--lm--{method}--{lib}"
+                if key in cells:
+                    assert cells[key]["lr"] == best["lr"], key
+        # the trial at the chosen rate and the text-init cell are the same training run
+        ours = cells[f"{task}--lm--prefix_tuning_text--prompthooks"]
+        assert ours["losses"] == best["losses"]
+
+
 def test_prompthooks_predictions_never_flip_with_padding(
     results: tuple[Path, dict[str, dict]],
 ) -> None:
     _, cells = results
-    ours = {k: r for k, r in cells.items() if not k.endswith("--peft")}
+    ours = {k: r for k, r in cells.items() if k.endswith("--prompthooks")}
     assert all(r["flips"] == 0 for r in ours.values()), {k: r["flips"] for k, r in ours.items()}
     for r in ours.values():
         assert r["predictions_batch1"] == r["predictions_batched"]
@@ -125,6 +155,9 @@ def test_trained_lm_cells_record_held_out_accuracy_against_step(
     after the last; the same for PEFT where it starts from our values."""
     _, cells = results
     for key, r in cells.items():
+        if "--lr" in key:  # a learning-rate trial: the same curve, held-out scores only
+            assert r["curve"][0][0] == 0 and r["curve"][-1][0] == len(r["losses"])
+            continue
         if "--lm--" not in key or r["steps"] == 0:
             assert r["curve"] == []
             continue
