@@ -494,9 +494,14 @@ def init_table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
             best_init, best = max(peft.items(), key=lambda kv: kv[1]["accuracy_batched"])
             m, h = paired_difference(ours, best, "batched")
             ok = "holds" if m >= 0 else "MISSED"
+            rates = ""
+            ours_lr = ours.get("lr", LM_METHODS[runs["text"]][1])
+            peft_lr = best.get("lr", LM_METHODS[runs[best_init]][1])
+            if ours_lr != peft_lr:
+                rates = f"; ours trained at the chosen {ours_lr:.0e}, PEFT at {peft_lr:.0e}"
             lines.append(
                 f"  - vs PEFT's best variant ({best_init} init, "
-                f"{pct(best['accuracy_batched'])}): {signed(m)} (±{100 * h:.1f}), {ok}."
+                f"{pct(best['accuracy_batched'])}{rates}): {signed(m)} (±{100 * h:.1f}), {ok}."
             )
         if title.startswith("Prefix") or title == "P-tuning v2":
             k = round(ours["accuracy_batched"] * n)
@@ -519,8 +524,8 @@ def lr_table(results: dict[str, dict[str, Any]], task: str) -> list[str]:
         followers = ", ".join(DISPLAY[m] for m, c in LR_CHOSEN_BY.items() if c == chooser)
         lines += [
             f"{TITLES[task]}: {DISPLAY[chooser]} (prompthooks) trained once per rate; scored "
-            f"on {done[0]['select_rows']} training rows no step reads. The chosen rate trains "
-            f"{followers} (both libraries).",
+            f"on {done[0]['select_rows']} training rows no step reads (never the test rows). "
+            f"The chosen rate trains {followers}; the trial at that rate is the same run.",
             "",
             "| learning rate | held-out accuracy | held-out loss | final training loss | chosen |",
             "|---|---|---|---|---|",

@@ -37,7 +37,6 @@ LM_TRAINED = (
 LM_INITS = ("p_tuning_mlp_text", "prefix_tuning_text")
 #: Issue 19: the Prefix-MLP learning rate is chosen by trials on held-out training rows.
 LR_TRIALS = ("1e-02", "1e-03", "1e-04", "1e-05")
-PREFIX_MLP = ("prefix_tuning", "prefix_tuning_text", "prefix_tuning_zero")
 
 
 def run(out: Path) -> str:
@@ -88,8 +87,8 @@ def test_prefix_mlp_rate_is_chosen_on_held_out_training_rows_only(
     results: tuple[Path, dict[str, dict]],
 ) -> None:
     """Each trial trains once and scores training rows that no step read (never a test
-    row); every Prefix-MLP cell of the task, both libraries, trains with the rate of the
-    best trial (ties: the lower held-out loss)."""
+    row); the text-initialised Prefix-MLP cell trains with the rate of the best trial
+    (ties: the lower held-out loss), the other Prefix-MLP cells with the fixed rate."""
     _, cells = results
     for task in TASKS:
         runs = [cells[f"{task}--lm--prefix_tuning_text--prompthooks--lr{lr}"] for lr in LR_TRIALS]
@@ -97,11 +96,10 @@ def test_prefix_mlp_rate_is_chosen_on_held_out_training_rows_only(
             assert r["lr"] == float(lr) and len(r["losses"]) > 0 and r["select_rows"] > 0
             assert "predictions_batched" not in r and "gold" not in r  # no test rows read
         best = max(runs, key=lambda r: (r["select_accuracy"], -r["select_loss"]))
-        for method in PREFIX_MLP:
+        assert cells[f"{task}--lm--prefix_tuning_text--prompthooks"]["lr"] == best["lr"]
+        for method in ("prefix_tuning", "prefix_tuning_zero"):
             for lib in ("prompthooks", "peft"):
-                key = f"{task}--lm--{method}--{lib}"
-                if key in cells:
-                    assert cells[key]["lr"] == best["lr"], key
+                assert cells[f"{task}--lm--{method}--{lib}"]["lr"] == 1e-2
         # the trial at the chosen rate and the text-init cell are the same training run
         ours = cells[f"{task}--lm--prefix_tuning_text--prompthooks"]
         assert ours["losses"] == best["losses"]
