@@ -1,13 +1,10 @@
 import os
-import sys
 
 # No GPU here: Triton kernels run in Triton's CPU interpreter (set before triton loads).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from hypothesis import HealthCheck, settings
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 settings.register_profile(
     "ci",

@@ -17,157 +17,28 @@ from typing import Any
 
 import pytest
 import torch
-import transformers as tf
-from models import CACHE_ARG, same_snapshot, snapshot
-from prefix_oracle import filled_cache, positions, site_kv
 from torch import nn
 
 import prompthooks as ph
-from prompthooks.methods import Prefix, PromptTable
+from prompthooks.methods import PromptTable
+from tests.support.builders import CAUSAL_HEADS as HEADS
+from tests.support.builders import MAX_POSITIONS, VOCAB, left_padded, prefix_of, tiny_causal
+from tests.support.builders import prefix_table as _prefix_table
+from tests.support.builders import random_table as random_table
+from tests.support.models import CACHE_ARG, same_snapshot, snapshot
+from tests.support.oracle import causal_prompt_oracle as prompt_oracle
+from tests.support.oracle import causal_prompted_inputs as prompted_inputs
+from tests.support.prefix_oracle import filled_cache, positions, site_kv
 
-VOCAB = 61
-MAX_POSITIONS = 64
 FAMILIES = ("neox", "opt")
 N = 4
 
-HEADS: dict[str, dict[str, Any]] = {
-    "neox": {
-        "lm": tf.GPTNeoXForCausalLM,
-        "base": tf.GPTNeoXModel,
-        "cls": tf.GPTNeoXForSequenceClassification,
-        "tok": tf.GPTNeoXForTokenClassification,
-        "qa": tf.GPTNeoXForQuestionAnswering,
-    },
-    "opt": {
-        "lm": tf.OPTForCausalLM,
-        "base": tf.OPTModel,
-        "decoder": tf.models.opt.modeling_opt.OPTDecoder,
-        "cls": tf.OPTForSequenceClassification,
-        "qa": tf.OPTForQuestionAnswering,
-    },
-}
-
-
-def tiny_causal(family: str, attn: str = "sdpa", head: str = "lm") -> nn.Module:
-    """2 layers, hidden 32, 4 heads (head_dim 8), random weights at a scale
-    (0.2) where the logits depend visibly on every input, in eval mode."""
-    torch.manual_seed(0)
-    config: Any
-    common = {
-        "num_hidden_layers": 2,
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": MAX_POSITIONS,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-    if family == "neox":  # default partial rotary (25% of each head) is kept
-        config = tf.GPTNeoXConfig(intermediate_size=64, initializer_range=0.2, **common)
-    else:
-        proj = family == "opt-proj"
-        config = tf.OPTConfig(
-            ffn_dim=64,
-            init_std=0.2,
-            word_embed_proj_dim=16 if proj else 32,
-            do_layer_norm_before=not proj,
-            **common,
-        )
-    config._attn_implementation = attn
-    model: nn.Module = HEADS[family.split("-")[0]][head](config).eval()
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = 0
-        model.generation_config.eos_token_id = None  # never stop early: fixed lengths
-    return model
-
-
-def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random non-special ids, left padded with 0 (how decoder-only models are batched)."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
-
-
-def first_real(mask_row: torch.Tensor) -> int:
-    return int(mask_row.tolist().index(1))
-
-
-def random_table(rows: int, width: int, seed: int = 7) -> torch.Tensor:
-    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
-
 
 def prefix_table(model: nn.Module, seed: int = 7) -> torch.Tensor:
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in ph.locate(model).sites)
-    return random_table(N, width, seed)
-
-
-def prefix_of(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
+    return _prefix_table(model, N, seed)
 
 
 # -- independent references ---------------------------------------------------------
-
-
-def prompted_inputs(
-    model: nn.Module,
-    family: str,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    table: torch.Tensor,
-    labels: torch.Tensor | None = None,
-) -> tuple[dict[str, Any], list[list[int]]]:
-    """The prompted batch as ``inputs_embeds``, built row by row: the prompt right
-    before each row's first real token. Also returns, per row, the positions
-    that hold the user's tokens."""
-    embed = model.get_input_embeddings()
-    p = table.shape[0]
-    rows_e, rows_m, rows_pos, rows_lab, keep = [], [], [], [], []
-    for b in range(ids.shape[0]):
-        at = first_real(mask[b])
-        e = embed(ids[b])
-        rows_e.append(torch.cat([e[:at], table, e[at:]]))
-        rows_m.append(torch.cat([mask[b, :at], torch.ones(p, dtype=mask.dtype), mask[b, at:]]))
-        rows_pos.append(torch.tensor([0] * at + list(range(p + ids.shape[1] - at))))
-        if labels is not None:
-            row = labels[b].clone()
-            # A row's first real token has no real predecessor (alone and
-            # unpadded it is no target), so it is no target with a prompt.
-            row[at] = -100
-            rows_lab.append(torch.cat([row[:at], torch.full((p,), -100), row[at:]]))
-        keep.append(list(range(at)) + list(range(at + p, ids.shape[1] + p)))
-    kw: dict[str, Any] = {
-        "inputs_embeds": torch.stack(rows_e),
-        "attention_mask": torch.stack(rows_m),
-    }
-    if family == "neox":  # NeoX numbers tokens 0, 1, ... regardless of padding unless told
-        kw["position_ids"] = torch.stack(rows_pos)
-    # OPT derives its positions from the mask itself: its own convention is the reference.
-    if labels is not None:
-        kw["labels"] = torch.stack(rows_lab)
-    return kw, keep
-
-
-def prompt_oracle(
-    model: nn.Module,
-    family: str,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    table: torch.Tensor,
-    labels: torch.Tensor | None = None,
-) -> Any:
-    """The model's output on the prompted ``inputs_embeds``, the virtual
-    positions removed from the logits by hand."""
-    kw, keep = prompted_inputs(model, family, ids, mask, table, labels)
-    out = model(**kw)
-    out.logits = torch.stack([out.logits[b, keep[b]] for b in range(ids.shape[0])])
-    return out
 
 
 def prompt_oracle_outputs(

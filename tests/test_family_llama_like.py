@@ -26,103 +26,32 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import CACHE_ARG, batch, same_snapshot, snapshot, unpad
-from oracle import oracle_logits
-from prefix_oracle import decoder_only_logits
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.hooks.masks import pad_mask
 from prompthooks.hooks.prefix_rows import PrefixRows
 from prompthooks.locators.llama_like import LlamaLikeLocator
-from prompthooks.methods import Prefix
+from tests.support.builders import LLAMA_LIKE as FAMILIES
+from tests.support.builders import LLAMA_LIKE_COMMON as COMMON
+from tests.support.builders import MAX_POSITIONS, VOCAB, WINDOW
+from tests.support.builders import prefix_of as _prefix
+from tests.support.builders import prefix_table as _table
+from tests.support.builders import tiny_llama_like as tiny_family
+from tests.support.models import CACHE_ARG, batch, same_snapshot, snapshot, unpad
+from tests.support.oracle import oracle_logits
+from tests.support.prefix_oracle import decoder_only_logits
 
-VOCAB = 61
-MAX_POSITIONS = 64
 N = 4  # virtual tokens
-WINDOW = 5
 
-COMMON: dict[str, Any] = {
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": MAX_POSITIONS,
-    "initializer_range": 0.2,  # logits depend visibly on every input
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 
 #: config class, model class, config overrides, head_dim, per-layer windows
-FAMILIES: dict[str, tuple[Any, Any, dict[str, Any], int, list[int | None]]] = {
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": WINDOW}, 8, [5, 5]),
-    "qwen2": (
-        tf.Qwen2Config,
-        tf.Qwen2ForCausalLM,
-        {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
-        8,
-        [None, 5],
-    ),
-    # head_dim 16 with hidden 32 and 4 heads: read from the module, not hidden / heads
-    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}, 16, [None, None]),
-    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 8}, 8, [None, None]),
-    "gemma3": (
-        tf.Gemma3TextConfig,
-        tf.Gemma3ForCausalLM,
-        {
-            "head_dim": 16,
-            "sliding_window": WINDOW,
-            "layer_types": ["sliding_attention", "full_attention"],
-        },
-        16,
-        [5, None],
-    ),
-    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}, 8, [None, None]),
-    "granite": (
-        tf.GraniteConfig,
-        tf.GraniteForCausalLM,
-        {
-            "embedding_multiplier": 3.0,
-            "attention_multiplier": 0.2,
-            "residual_multiplier": 0.5,
-            "logits_scaling": 2.0,
-        },
-        8,
-        [None, None],
-    ),
-}
 NAMES = tuple(FAMILIES)
 GENERATE = ("gemma3", "mistral")  # a sliding layer and a full one; all sliding
 
 
-def tiny_family(name: str, attn: str = "sdpa") -> nn.Module:
-    """A 2-layer causal LM of family ``name`` with random weights, in eval mode."""
-    config_cls, model_cls, extra, _, _ = FAMILIES[name]
-    config = config_cls(**{**COMMON, **extra})
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    model: nn.Module = model_cls(config).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None  # never stop early: fixed lengths
-    return model
-
-
 def padded() -> tuple[torch.Tensor, torch.Tensor]:
     return batch("llama", [7, 3, 5], seed=4)  # left padded
-
-
-def _table(model: nn.Module, n: int = N, seed: int = 7) -> torch.Tensor:
-    located = ph.locate(model)
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in located.sites)
-    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
-
-
-def _prefix(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
 
 
 def _prefix_oracle(

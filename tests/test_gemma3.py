@@ -34,13 +34,13 @@ from typing import Any
 
 import pytest
 import torch
-from models import hooks_on
-from oracle import first_real, oracle_logits
-from prefix_oracle import decoder_only_logits, filled_cache, positions, site_kv
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.methods import Prefix
+from tests.support.models import hooks_on
+from tests.support.oracle import first_real, oracle_logits
+from tests.support.prefix_oracle import decoder_only_logits, filled_cache, positions, site_kv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
 from assets import load_gemma3  # noqa: E402

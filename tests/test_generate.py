@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
 
 import prompthooks as ph
+from tests.support.models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
 
 METHODS = ("prompt", "prefix")
 

@@ -32,17 +32,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import VOCAB, batch, tiny
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
-from plain_models import PlainLM, PlainSeq2Seq
-from test_family_bart import tiny_bart
-from test_family_causal import tiny_causal
-from test_family_encoders import batch as encoder_batch
-from test_family_encoders import tiny as tiny_encoder
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.methods import Prefix, PTuningPrompt
+from tests.support.builders import encoder_batch, tiny_bart, tiny_causal, tiny_encoder
+from tests.support.models import VOCAB, batch, tiny
+from tests.support.plain_models import PlainLM, PlainSeq2Seq
 
 TEXT = [5, 9, 11, 4, 7]
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
 
 import prompthooks as ph
+from tests.support.models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
 
 NAMES = ("a", "b", "c")
 

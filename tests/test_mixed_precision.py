@@ -50,14 +50,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import ARCHS, batch, decoder_ids, same_snapshot, snapshot, tiny
-from oracle import first_real, oracle_logits
-from prefix_oracle import positions, site_kv
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 import prompthooks as ph
 from prompthooks.methods import SoftPrompt
+from tests.support.models import ARCHS, batch, decoder_ids, same_snapshot, snapshot, tiny
+from tests.support.oracle import first_real, oracle_logits
+from tests.support.prefix_oracle import positions, site_kv
 
 MODES = ("bf16", "fp16", "autocast")
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}

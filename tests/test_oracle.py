@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from models import ARCHS, batch, decoder_ids, tiny
-from oracle import oracle_logits
 
 import prompthooks as ph
+from tests.support.models import ARCHS, batch, decoder_ids, tiny
+from tests.support.oracle import oracle_logits
 
 
 @pytest.mark.oldest_release

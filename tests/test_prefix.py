@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 import torch
-from models import batch, decoder_ids, tiny
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
-from prefix_oracle import decoder_only_logits, positions, t5_logits
 
 import prompthooks as ph
 from prompthooks.methods import Prefix
+from tests.support.models import batch, decoder_ids, tiny
+from tests.support.prefix_oracle import decoder_only_logits, positions, t5_logits
 
 TASKS = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
 OUTPUT = {"gpt2": "logits", "llama": "logits", "bert": "last_hidden_state"}

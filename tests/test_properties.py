@@ -14,10 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import ARCHS, batch, model_inputs, same_snapshot, snapshot, tiny
-from models import decoder_ids as kw_decoder
 
 import prompthooks as ph
+from tests.support.models import ARCHS, batch, model_inputs, same_snapshot, snapshot, tiny
+from tests.support.models import decoder_ids as kw_decoder
 
 shapes = st.fixed_dictionaries(
     {

@@ -22,12 +22,12 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import hooks_on, same_snapshot, snapshot
-from plain_models import VOCAB, WIDTH, PlainLM, PlainSeq2Seq, Prefix, reference
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.methods import Prefix as PrefixPrompt
+from tests.support.models import hooks_on, same_snapshot, snapshot
+from tests.support.plain_models import VOCAB, WIDTH, PlainLM, PlainSeq2Seq, Prefix, reference
 
 DEC = torch.tensor([[3, 5, 7], [4, 6, 8], [9, 10, 11]])
 # nn.Transformer asks for batch_first to use its nested-tensor path: not the point here.
