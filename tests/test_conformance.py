@@ -89,9 +89,19 @@ def _selected(family: Family, logits: torch.Tensor, mask: torch.Tensor) -> torch
     return logits[mask.bool()] if family.token_level() else logits
 
 
-def _spec(method: str, p: int, seed: int) -> Any:
+def _spec(method: str, p: int, seed: int, drawn: tuple[bool, bool] = (False, True)) -> Any:
+    """Prompt Tuning, or a prefix: P-tuning v2's table or through its MLP
+    (``drawn[0]``), positions shifted by P or not (``drawn[1]``)."""
     torch.manual_seed(seed)
-    return ph.PromptTuning(p) if method == "prompt" else ph.PrefixTuning(p, projection=False)
+    if method == "prompt":
+        return ph.PromptTuning(p)
+    projection, shift = drawn
+    return ph.PrefixTuning(p, projection=projection, hidden_size=16, shift_positions=shift)
+
+
+def _draw_prefix(family: Family, data: st.DataObject) -> tuple[bool, bool]:
+    projection = data.draw(st.booleans(), label="projection")
+    return projection, data.draw(st.sampled_from(family.shifts), label="shift")
 
 
 def _generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -152,7 +162,7 @@ def test_oracle(family: str, method: str, attn: str, data: st.DataObject) -> Non
 @pytest.mark.workflow
 @FEW
 @given(data=st.data())
-@pytest.mark.parametrize(("family", "method", "attn"), _params("padded"))
+@pytest.mark.parametrize(("family", "method", "attn"), _params("padded", every_attn=True))
 def test_padded_rows_equal_rows_alone(
     family: str, method: str, attn: str, data: st.DataObject
 ) -> None:
@@ -161,7 +171,8 @@ def test_padded_rows_equal_rows_alone(
     lengths = _lengths(fam, data)
     p, seed = data.draw(st.integers(1, 4), label="p"), data.draw(st.integers(0, 3), label="seed")
     ids, mask = fam.make_batch(lengths, seed)
-    with ph.attach(model, _spec(method, p, seed)), torch.no_grad():
+    spec = _spec(method, p, seed, _draw_prefix(fam, data))
+    with ph.attach(model, spec), torch.no_grad():
         together = logits_of(_call(model, fam, ids, mask))
         for row in range(len(lengths)):
             alone_ids = ids[row : row + 1, mask[row].bool()]
@@ -192,7 +203,7 @@ def test_detach_is_bit_identical(family: str, method: str, attn: str, data: st.D
     with torch.no_grad():
         base = logits_of(_call(model, fam, ids, mask))
         base_gen = _generate(model, ids, mask) if fam.generates else None
-    att = ph.attach(model, _spec(method, p, seed))
+    att = ph.attach(model, _spec(method, p, seed, _draw_prefix(fam, data)))
     _scalar(fam, _call(model, fam, ids, mask), mask).backward()
     with torch.no_grad():
         prompted = logits_of(_call(model, fam, ids, mask))
@@ -286,6 +297,7 @@ MIXED: dict[str, dict[str, Any]] = {
     "prefix": {
         "a": lambda n: ph.PrefixTuning(n, hidden_size=16),
         "b": lambda n: ph.PrefixTuning(n, projection=False, shift_positions=False),
+        "c": lambda n: ph.PTuning(n, "mlp", hidden_size=16),  # soft prompts among prefixes
     },
 }
 
@@ -298,12 +310,14 @@ def test_mixed_batch_rows_equal_rows_alone(
     family: str, method: str, attn: str, data: st.DataObject
 ) -> None:
     """Rows with prompts of different lengths (Prompt Tuning and P-tuning; a
-    prefix through its MLP and P-tuning v2 unshifted) equal each row alone."""
+    prefix through its MLP, P-tuning v2 unshifted and a soft prompt) equal
+    each row alone."""
     fam = FAMILIES[family]
     model = fam.build(attn)
     lengths = _lengths(fam, data)
     seed = data.draw(st.integers(0, 3), label="seed")
-    sizes = data.draw(st.lists(st.integers(1, 5), min_size=2, max_size=2), label="sizes")
+    n = len(MIXED[method])
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=n, max_size=n), label="sizes")
     ids, mask = fam.make_batch(lengths, seed)
     located = ph.locate(model)
     torch.manual_seed(seed)

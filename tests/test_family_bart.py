@@ -292,19 +292,6 @@ def _attached(model: nn.Module, method: str, shift: bool = True) -> Any:
     return _prompt() if method == "prompt" else _prefix(model, _table(model), shift)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_padded_rows_equal_rows_alone(method: str) -> None:
-    model = tiny_bart()
-    ids, mask = _padded()
-    dec = decoder_ids(3, 4)
-    with ph.attach(model, _attached(model, method)), torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        for row in range(3):
-            alone = ids[row : row + 1, mask[row].bool()]
-            single = model(input_ids=alone, decoder_input_ids=dec[row : row + 1]).logits
-            torch.testing.assert_close(padded[row : row + 1], single, atol=1e-5, rtol=0)
-
-
 def _greedy(logits_of: Any, steps: int, batch_size: int) -> torch.Tensor:
     """Greedy decoding from a function of the decoder ids so far (no cache)."""
     out = torch.full((batch_size, 1), START)
@@ -347,49 +334,6 @@ def test_greedy_generate_equals_oracle(attn: str, method: str, shift: bool) -> N
             assert torch.equal(uncached, expected)
     assert torch.equal(cached, expected)
     assert not torch.equal(plain, expected)  # the prompt changes what is generated
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_detach_restores_the_model_bit_for_bit(method: str) -> None:
-    model = tiny_bart()
-    ids, mask = _padded()
-    dec = decoder_ids(3, 4)
-    before = snapshot(model)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    att = ph.attach(model, _attached(model, method))
-    with torch.no_grad():
-        prompted = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    att.detach()
-    assert same_snapshot(before, snapshot(model))
-    with torch.no_grad():
-        after = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    assert torch.equal(after, logits) and torch.equal(again, generated)
-    assert not torch.equal(prompted, logits)
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_gradients_reach_every_prompt_site_and_no_model_parameter(method: str) -> None:
-    model = tiny_bart()
-    ids, mask = _padded()
-    labels = decoder_ids(3, 4, seed=9)
-    attached = _attached(model, method)
-    with ph.attach(model, attached) as att:
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        (weight,) = list(att.parameters())
-        assert weight.grad is not None
-        if method == "prefix":
-            start = 0
-            for site in ph.locate(model).sites:
-                width = 2 * site.num_kv_heads * site.head_dim
-                assert weight.grad[:, start : start + width].abs().sum() > 0, site
-                start += width
-        else:
-            assert (weight.grad.abs().sum(1) > 0).all()  # every virtual token
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_base_model_builds_decoder_inputs_from_the_users_ids() -> None:

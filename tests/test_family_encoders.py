@@ -126,7 +126,7 @@ def test_max_positions_is_the_models_own_limit(family: str) -> None:
 
 @pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", [h for h in HEADS if h != "lm"])  # lm: test_conformance.py
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_tuning_matches_inputs_embeds_oracle(family: str, head: str, attn: str) -> None:
     model = tiny(family, head, attn)
@@ -297,73 +297,6 @@ def test_distilbert_refuses_a_past() -> None:
 
 def _spec(method: str) -> Any:
     return ph.PromptTuning(P) if method == "prompt" else ph.PrefixTuning(P, projection=False)
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_padded_rows_equal_rows_alone(family: str, method: str, attn: str) -> None:
-    model = tiny(family, "lm", attn)
-    ids, mask = batch(family, [7, 2, 5], seed=5)
-    torch.manual_seed(1)
-    with ph.attach(model, _spec(method)), torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask).logits
-        for row in range(ids.shape[0]):
-            alone_ids = ids[row : row + 1, mask[row].bool()]
-            alone = model(input_ids=alone_ids).logits[0]
-            torch.testing.assert_close(padded[row, mask[row].bool()], alone, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_prefix_batch_rows_equal_rows_alone(family: str) -> None:
-    """Rows with prefixes of different lengths (per-row keys and values)."""
-    model = tiny(family)
-    ids, mask = batch(family, [6, 4, 5], seed=6)
-    torch.manual_seed(2)
-    prompts = {"a": ph.PrefixTuning(2, projection=False), "b": ph.PrefixTuning(4, hidden_size=8)}
-    names = ["a", "b", "a"]
-    with ph.attach(model, prompts) as att, torch.no_grad():
-        with att.use(names):
-            mixed = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for row, name in enumerate(names):
-            with att.use(name):
-                alone = model(input_ids=ids[row : row + 1, mask[row].bool()]).last_hidden_state
-            torch.testing.assert_close(mixed[row, mask[row].bool()], alone[0], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_detach_restores_everything_bit_for_bit(family: str, method: str) -> None:
-    model = tiny(family, "cls")
-    ids, mask = batch(family, [6, 4])
-    with torch.no_grad():
-        before_out = model(input_ids=ids, attention_mask=mask).logits
-    before = snapshot(model)
-    att = ph.attach(model, _spec(method))
-    model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.backward()
-    att.detach()
-    model.zero_grad(set_to_none=True)
-    assert same_snapshot(before, snapshot(model))
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before_out)
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_reach_only_the_prompt(family: str, method: str) -> None:
-    model = tiny(family, "cls")
-    ids, mask = batch(family, [6, 4])
-    with ph.attach(model, _spec(method)) as att:
-        model(input_ids=ids, attention_mask=mask, labels=torch.tensor([1, 0])).loss.backward()
-        (param,) = list(att.parameters())
-        assert param.grad is not None
-        if method == "prefix":  # every site's keys and values get a gradient
-            for start in range(0, param.shape[1], 4 * 8):
-                assert param.grad[:, start : start + 4 * 8].abs().sum() > 0, start
-        else:
-            assert all(param.grad[i].abs().sum() > 0 for i in range(P))
-        own = [p for n, p in model.named_parameters() if not n.startswith("prompthooks.")]
-        assert own and all(p.grad is None for p in own)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -91,50 +91,27 @@ def test_sites(name: str) -> None:
 # -- Prompt Tuning ------------------------------------------------------------------
 
 
-@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", NAMES)
-def test_prompt_tuning_matches_inputs_embeds_oracle(name: str, attn: str) -> None:
-    model = tiny_family(name, attn)
-    ids, mask = padded()
-    labels = ids.masked_fill(mask == 0, -100)
-    with ph.attach(model, ph.PromptTuning(N)) as att:
-        table = att.prompts["default"].table().detach().clone()
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    with torch.no_grad():
-        ref_logits, ref_loss = oracle_logits(model, "llama", ids, mask, table, labels)
-        plain = model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert (plain[real] - ref_logits[real]).abs().max() > 1e-2  # the prompt matters
-    torch.testing.assert_close(out.logits[real], ref_logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=0)
-
-
 # -- Prefix -----------------------------------------------------------------------------
 
 
 @pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
 @pytest.mark.parametrize(("attn", "shift"), [("sdpa", True), ("sdpa", False), ("eager", True)])
 @pytest.mark.parametrize("name", NAMES)
-def test_prefix_matches_hand_filled_cache(name: str, attn: str, shift: bool) -> None:
-    """With and without a cache made inside the forward (``use_cache``); and a
-    short unpadded row without a mask, for which sdpa gets no mask at all in
-    either layer type (it fits in the window without the prefix)."""
+def test_prefix_short_row_without_a_mask_matches_the_oracle(
+    name: str, attn: str, shift: bool
+) -> None:
+    """A short unpadded row without a mask: sdpa gets no mask at all in either
+    layer type (it fits in the window without the prefix). Padded batches, with
+    and without ``use_cache``: tests/test_conformance.py (oracle)."""
     model = tiny_family(name, attn)
     table = _table(model)
-    ids, mask = padded()
+    ids, _ = padded()
     short = ids[1:2, -3:]
-    real = mask.bool()
     with torch.no_grad():
-        expected = _prefix_oracle(model, ids, mask, table, shift)
         expected_short = _prefix_oracle(model, short, torch.ones_like(short), table, shift)
-        plain = model(input_ids=ids, attention_mask=mask).logits
-    assert (plain[real] - expected[real]).abs().max() > 1e-2  # the prefix matters
+        plain = model(input_ids=short).logits
+    assert (plain - expected_short).abs().max() > 1e-2  # the prefix matters
     with ph.attach(model, _prefix(model, table, shift)), torch.no_grad():
-        for use_cache in (False, True):
-            got = model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
-            torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
         got_short = model(input_ids=short).logits
     torch.testing.assert_close(got_short, expected_short, atol=1e-5, rtol=0)
 
@@ -212,63 +189,25 @@ def test_pad_mask_window_blocks_only_prefix_slots_outside_the_window() -> None:
 # -- padding, detach, gradients ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-@pytest.mark.parametrize("name", NAMES)
-def test_padded_rows_equal_rows_alone(name: str, method: str) -> None:
+@pytest.mark.parametrize("name", [n for n in NAMES if any(FAMILIES[n][4])])
+def test_sliding_window_prefix_padded_rows_differ_from_rows_alone(name: str) -> None:
+    """The prefix sits before the row's padding (as in the cache that generate
+    fills), so a padded row's sliding window loses the prefix sooner than the
+    row alone. Documented (README, Architectures); pinned here. The other
+    cells of "padded == alone": tests/test_conformance.py (padded)."""
     model = tiny_family(name)
     ids, mask = padded()
     torch.manual_seed(1)
-    spec = ph.PromptTuning(N) if method == "prompt" else ph.PrefixTuning(N, projection=False)
-    windowed = any(FAMILIES[name][4])
-    with ph.attach(model, spec), torch.no_grad():
+    with ph.attach(model, ph.PrefixTuning(N, projection=False)), torch.no_grad():
         together = model(input_ids=ids, attention_mask=mask).logits
         for row in range(ids.shape[0]):
             alone_ids = unpad("llama", ids, mask, row)
             alone = model(input_ids=alone_ids).logits[0]
             got = together[row, mask[row].bool()]
-            if method == "prefix" and windowed and alone_ids.shape[1] < ids.shape[1]:
-                # The prefix sits before the row's padding (as in the cache that
-                # generate fills), so a padded row's sliding window loses the
-                # prefix sooner than the row alone. Documented; pinned here.
+            if alone_ids.shape[1] < ids.shape[1]:
                 assert (got - alone).abs().max() > 1e-3
             else:
                 torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_reach_only_the_prompt_and_detach_restores_everything(name: str) -> None:
-    """A soft prompt and a prefix trained in turn: each gets a gradient (the
-    prefix in every site's block of its table), no model parameter does; detach
-    leaves weights, flags, hooks and outputs as they were, bit for bit."""
-    model = tiny_family(name)
-    ids, mask = padded()
-    labels = ids.masked_fill(mask == 0, -100)
-    before = snapshot(model)
-    with torch.no_grad():
-        plain = model(input_ids=ids, attention_mask=mask).logits
-    located = ph.locate(model)
-    torch.manual_seed(1)
-    prompts = {
-        "soft": ph.PromptTuning(N).build(located),
-        "prefix": ph.PrefixTuning(N, projection=False).build(located),
-    }
-    with ph.attach(model, prompts) as att:
-        for key, prompt in prompts.items():
-            with att.use(key):
-                model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            params = list(prompt.parameters())
-            assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-        grad, start = prompts["prefix"].weight.grad, 0
-        assert grad is not None
-        for site in located.sites:
-            width = 2 * site.num_kv_heads * site.head_dim
-            assert grad[:, start : start + width].abs().sum() > 0, site
-            start += width
-    assert all(p.grad is None for p in model.parameters())
-    assert same_snapshot(before, snapshot(model))
-    with torch.no_grad():
-        after = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(after, plain)
 
 
 # -- generation -------------------------------------------------------------------------

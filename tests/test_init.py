@@ -559,7 +559,7 @@ def test_text_init_asks_for_what_it_needs() -> None:
 
 
 def test_the_capture_leaves_no_hook_and_keeps_the_modes() -> None:
-    from models import hooks_on
+    from tests.support.models import hooks_on
 
     model = tiny("t5")
     model.train()
@@ -575,7 +575,7 @@ def test_the_capture_leaves_no_hook_and_keeps_the_modes() -> None:
 def test_a_failed_capture_leaves_the_model_as_it_was() -> None:
     """A text the model cannot run over (longer than its position table) fails
     inside the capture run: no hook, mode or flag of it stays behind."""
-    from models import hooks_on, same_snapshot, snapshot
+    from tests.support.models import hooks_on, same_snapshot, snapshot
 
     model = PlainLM()
     model.train()

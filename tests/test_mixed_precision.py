@@ -7,7 +7,7 @@ under the same autocast), with the base parameters frozen as they are while a
 prompt is attached:
 
 * token prompts (Prompt Tuning, P-tuning): ``inputs_embeds`` built by hand
-  (``tests/oracle.py``), the fp32 table cast to the model's dtype row by row;
+  (``tests/support/oracle.py``), the fp32 table cast to the model's dtype row by row;
 * prefixes (Prefix Tuning, P-tuning v2): a ``DynamicCache`` filled by hand
   (GPT-2, LLaMA, BERT), and on T5 the encoder run block by block, each block
   given a hand-filled cache, and the decoder given a hand-filled

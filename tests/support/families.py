@@ -89,6 +89,8 @@ class Family:
     make_batch: Callable[[list[int], int], Batch]  # lengths, seed -> ids, mask
     prompt_oracle: PromptOracle
     prefix_oracle: PrefixOracle
+    #: attention implementations (a plain model: its layers' layout); the oracle and
+    #: padded cells run each, the others the last
     attns: tuple[str, ...] = ("eager", "sdpa")
     shifts: tuple[bool, ...] = (True, False)  # shift_positions values the prefix oracle covers
     decoder: Callable[[int], torch.Tensor] | None = None  # decoder ids for B rows
@@ -482,11 +484,11 @@ FAMILIES: dict[str, Family] = {
             kind="plain",
             padding="right",
             sites=("self",),
-            build=lambda attn: PlainLM(),
+            build=lambda attn: PlainLM(batch_first=attn == "batch_first"),
             make_batch=plain_batch,
             prompt_oracle=_plain_prompt_oracle,
             prefix_oracle=_plain_prefix,
-            attns=("native",),
+            attns=("seq_first", "batch_first"),  # layers run sequence-first inside, or not
             shifts=(True,),
             losses=False,
             atol=2e-5,
@@ -498,11 +500,11 @@ FAMILIES: dict[str, Family] = {
             kind="plain",
             padding="right",
             sites=("enc_self", "dec_self", "cross"),
-            build=lambda attn: PlainSeq2Seq(),
+            build=lambda attn: PlainSeq2Seq(batch_first=attn == "batch_first"),
             make_batch=plain_batch,
             prompt_oracle=_plain_prompt_oracle,
             prefix_oracle=_plain_prefix,
-            attns=("native",),
+            attns=("seq_first", "batch_first"),  # layers run sequence-first inside, or not
             shifts=(True,),
             decoder=_plain_decoder,
             losses=False,
