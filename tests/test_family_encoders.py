@@ -27,9 +27,8 @@ from peft import PrefixTuningConfig, get_peft_model
 from torch import nn
 
 import prompthooks as ph
-from prompthooks.methods import Prefix
 from tests.support.builders import ENCODER_FIRST as FIRST
-from tests.support.builders import VOCAB
+from tests.support.builders import VOCAB, prefix_of, prefix_table
 from tests.support.builders import encoder_batch as batch
 from tests.support.builders import tiny_encoder as tiny
 from tests.support.models import same_snapshot, snapshot
@@ -63,14 +62,7 @@ def output_of(model: nn.Module, out: Any) -> torch.Tensor:
 
 
 def table_for(model: nn.Module, n: int = P, seed: int = 7) -> torch.Tensor:
-    located = ph.locate(model)
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in located.sites)
-    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
-
-
-def prefix_of(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
+    return prefix_table(model, n, seed)
 
 
 # -- locating ----------------------------------------------------------------------

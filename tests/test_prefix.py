@@ -29,6 +29,8 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prompthooks as ph
 from prompthooks.methods import Prefix
+from tests.support.builders import prefix_of as _prefix
+from tests.support.builders import prefix_table
 from tests.support.models import batch, decoder_ids, tiny
 from tests.support.prefix_oracle import positions, t5_logits
 
@@ -42,15 +44,7 @@ def _model(arch: str, attn: str = "sdpa") -> torch.nn.Module:
 
 
 def _table(model: torch.nn.Module, n: int = N, seed: int = 7) -> torch.Tensor:
-    located = ph.locate(model)
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in located.sites)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, width, generator=g)  # far from any init, so parity means something
-
-
-def _prefix(model: torch.nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
+    return prefix_table(model, n, seed)  # far from any init, so parity means something
 
 
 def _peft(model: torch.nn.Module, arch: str, table: torch.Tensor) -> Any:

@@ -23,8 +23,17 @@ from torch import nn
 
 import prompthooks as ph
 from prompthooks.methods import Prefix as PrefixPrompt
+from tests.support.builders import random_table
 from tests.support.models import hooks_on, same_snapshot, snapshot
-from tests.support.plain_models import VOCAB, WIDTH, PlainLM, PlainSeq2Seq, Prefix, reference
+from tests.support.plain_models import (
+    VOCAB,
+    WIDTH,
+    PlainLM,
+    PlainSeq2Seq,
+    Prefix,
+    plain_batch,
+    reference,
+)
 
 DEC = torch.tensor([[3, 5, 7], [4, 6, 8], [9, 10, 11]])
 # nn.Transformer asks for batch_first to use its nested-tensor path: not the point here.
@@ -35,16 +44,7 @@ def _model(kind: str, batch_first: bool) -> nn.Module:
     return PlainLM(batch_first) if kind == "lm" else PlainSeq2Seq(batch_first)
 
 
-def _batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded random ids (pad id 0 never occurs in a real token)."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[row, :n] = 1
-    return ids, mask
+_batch = plain_batch  # right-padded random ids (pad id 0 never occurs in a real token)
 
 
 def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -55,8 +55,7 @@ def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int = 
     return out
 
 
-def _table(rows: int, width: int, seed: int) -> torch.Tensor:
-    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+_table = random_table
 
 
 def _prefix(model: nn.Module, p: int, seed: int = 3) -> tuple[PrefixPrompt, list[Prefix]]:
