@@ -42,7 +42,7 @@ from torch import nn
 import prompthooks as ph
 from prompthooks.methods import PromptTable
 from tests.support.builders import prefix_of, prefix_width, random_table
-from tests.support.families import FAMILIES, Family, cells, logits_of
+from tests.support.families import FAMILIES, KINDS, Family, cells, logits_of
 from tests.support.models import hooks_on, same_snapshot, snapshot
 
 # nn.Transformer asks for batch_first to use its nested-tensor path: not the point here.
@@ -52,13 +52,14 @@ FEW = settings(max_examples=3, deadline=None)  # oracles: every family multiplie
 FEWER = settings(max_examples=2, deadline=None)
 
 
-def _params(prop: str, every_attn: bool = False) -> list[Any]:
+def _params(prop: str, every_attn: tuple[str, ...] = ()) -> list[Any]:
     """One pytest param per applicable (family, method[, attention]) cell, marked
-    with the cell so the conftest can tabulate the outcome."""
+    with the cell so the conftest can tabulate the outcome; families of the
+    kinds ``every_attn`` get one per attention implementation (or plain layout)."""
     out = []
     for name, method in cells(prop):
         family = FAMILIES[name]
-        for attn in family.attns if every_attn else family.attns[-1:]:
+        for attn in family.attns if family.kind in every_attn else family.attns[-1:]:
             marks = [pytest.mark.conformance(family=name, prop=prop, method=method)]
             finding = family.failure(prop, method)
             if finding is not None:  # reported, not hidden: a fix turns it into a failure
@@ -122,7 +123,7 @@ def _scalar(family: Family, out: Any, mask: torch.Tensor) -> torch.Tensor:
 @pytest.mark.kernel_paths  # also run on the Triton path and the oldest release
 @FEW
 @given(data=st.data())
-@pytest.mark.parametrize(("family", "method", "attn"), _params("oracle", every_attn=True))
+@pytest.mark.parametrize(("family", "method", "attn"), _params("oracle", every_attn=KINDS))
 def test_oracle(family: str, method: str, attn: str, data: st.DataObject) -> None:
     fam = FAMILIES[family]
     model = fam.build(attn)
@@ -163,7 +164,9 @@ def test_oracle(family: str, method: str, attn: str, data: st.DataObject) -> Non
 @pytest.mark.workflow
 @FEWER
 @given(data=st.data())
-@pytest.mark.parametrize(("family", "method", "attn"), _params("padded", every_attn=True))
+@pytest.mark.parametrize(
+    ("family", "method", "attn"), _params("padded", every_attn=("encoder", "plain"))
+)
 def test_padded_rows_equal_rows_alone(
     family: str, method: str, attn: str, data: st.DataObject
 ) -> None:
