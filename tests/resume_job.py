@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from models import VOCAB, tiny
 
 import prompthooks as ph
+from tests.support.models import VOCAB, tiny
 
 METHODS: dict[str, Callable[[], Any]] = {
     "prompt_tuning": lambda: ph.PromptTuning(4),

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 import torch
-from models import batch, same_snapshot, snapshot, tiny
-from plain_models import PlainLM
 from torch import nn
 
 import prompthooks as ph
+from tests.support.models import batch, same_snapshot, snapshot, tiny
+from tests.support.plain_models import PlainLM
 
 # ``prompthooks.attach`` is also the name of the function the package exports.
 attach_module = importlib.import_module("prompthooks.attach")

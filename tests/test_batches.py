@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import VOCAB, tiny
 
 import prompthooks as ph
+from tests.support.models import VOCAB, tiny
 
 P = 3
 

@@ -30,10 +30,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import batch, model_inputs, same_snapshot, snapshot, tiny
 from torch import nn
 
 import prompthooks as ph
+from tests.support.models import batch, model_inputs, same_snapshot, snapshot, tiny
 
 NAMES = ("prompt", "ptuning", "prefix")
 

@@ -34,13 +34,13 @@ import torch
 import transformers as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import MAX_POSITIONS, VOCAB, same_snapshot, snapshot, tiny
-from resume_job import METHODS
 from safetensors.torch import load_file, save_file
 
 import prompthooks as ph
 from prompthooks import io
 from prompthooks.methods import PromptTable
+from tests.resume_job import METHODS
+from tests.support.models import MAX_POSITIONS, VOCAB, same_snapshot, snapshot, tiny
 
 # File and workflow tests: the same on every kernel path; they run in the torch pass
 # and the Triton pass deselects them (-m "not workflow").
@@ -603,7 +603,7 @@ def test_resume_in_a_fresh_process_equals_training_straight_through(tmp_path: Pa
     job = [sys.executable, str(HERE / "resume_job.py")]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
     }
     straight = subprocess.Popen([*job, "straight", str(tmp_path), "3"], env=env)
     subprocess.run([*job, "first", str(tmp_path), "3"], env=env, check=True)

@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 import torch
-from models import ARCHS, batch, decoder_ids, tiny
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.kernels import ops
 from prompthooks.kernels.torch_concat import concat_forward
 from prompthooks.kernels.torch_splice import splice_forward
+from tests.support.models import ARCHS, batch, decoder_ids, tiny
 
 # transformers logs a warning (a graph break for the base model too) when
 # ``loss_type`` is unset; naming it lets the base model compile in one graph.

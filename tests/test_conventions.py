@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from models import batch, same_snapshot, snapshot, tiny
 from packaging.version import Version
 from torch import nn
 from transformers.models.bert.modeling_bert import BertSelfAttention
@@ -38,6 +37,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 import prompthooks as ph
 from prompthooks.locators.conventions import CACHE_NAMES
+from tests.support.models import batch, same_snapshot, snapshot, tiny
 
 pytestmark = pytest.mark.oldest_release  # both sides of the 5.24 rename
 

@@ -30,14 +30,14 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import batch, same_snapshot, snapshot, tiny
-from prefix_oracle import decoder_only_logits
 from torch import nn
 from transformers import DynamicCache
 from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 import prompthooks as ph
 from prompthooks.methods import Prefix
+from tests.support.models import batch, same_snapshot, snapshot, tiny
+from tests.support.prefix_oracle import decoder_only_logits
 
 # The same on every kernel path: runs in the torch pass, deselected in the Triton pass.
 pytestmark = pytest.mark.workflow

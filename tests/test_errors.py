@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import MAX_POSITIONS, VOCAB, batch, same_snapshot, snapshot, tiny
 from peft import PromptTuningConfig, get_peft_model
 from torch import nn
 
 import prompthooks as ph
+from tests.support.models import MAX_POSITIONS, VOCAB, batch, same_snapshot, snapshot, tiny
 
 
 class Unknown(nn.Module):

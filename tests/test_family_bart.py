@@ -20,94 +20,41 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import CACHE_ARG, batch, decoder_ids, same_snapshot, snapshot
-from prefix_oracle import (
+from torch import nn
+
+import prompthooks as ph
+from prompthooks.locators.bart import BartLocator
+from prompthooks.methods.prompt_tuning import PromptTable
+from tests.support.builders import BART_EOS as EOS
+from tests.support.builders import BART_HEADS as HEADS
+from tests.support.builders import BART_START as START
+from tests.support.builders import prefix_of as _prefix
+from tests.support.builders import prefix_table, tiny_bart
+from tests.support.models import CACHE_ARG, batch, decoder_ids, same_snapshot, snapshot
+from tests.support.oracle import bart_prompt_oracle as _prompt_oracle
+from tests.support.prefix_oracle import (
     bart_decoder_by_hand,
     bart_decoder_with_cache,
     bart_encoder,
     bart_logits,
     site_kv,
 )
-from torch import nn
-
-import prompthooks as ph
-from prompthooks.locators.bart import BartLocator
-from prompthooks.methods import Prefix
-from prompthooks.methods.prompt_tuning import PromptTable
 
 ATTN = ("eager", "sdpa")
-HEADS: dict[str, Any] = {
-    "lm": tf.BartForConditionalGeneration,
-    "base": tf.BartModel,
-    "cls": tf.BartForSequenceClassification,
-    "qa": tf.BartForQuestionAnswering,
-}
-EOS = 2
-START = 2  # decoder_start_token_id
 P = 3
 
 
-def tiny_bart(attn: str = "sdpa", head: str = "lm", seed: int = 0) -> Any:
-    """2 + 2 layers, d_model 32, 4 heads, random weights, eval mode; embeddings
-    scaled by sqrt(d_model) so a prompt that skipped or doubled the scale shows."""
-    torch.manual_seed(seed)
-    config = tf.BartConfig(
-        encoder_layers=2,
-        decoder_layers=2,
-        d_model=32,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=61,
-        max_position_embeddings=64,
-        scale_embedding=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        decoder_start_token_id=START,
-        forced_eos_token_id=None,
-        init_std=0.25,  # weights large enough that every prompt site moves the logits
-    )
-    config.num_labels = 3
-    config._attn_implementation = attn
-    model = HEADS[head](config).eval()
-    if head == "lm":
-        gen = model.generation_config
-        gen.eos_token_id = gen.forced_eos_token_id = None  # fixed lengths, no forced tokens
-        gen.pad_token_id = 0
-    return model
+def _table(model: nn.Module, n: int = P, seed: int = 7) -> torch.Tensor:
+    return prefix_table(model, n, seed)
 
 
 def _padded() -> tuple[torch.Tensor, torch.Tensor]:
     return batch("t5", [7, 3, 5], seed=4)  # right padding, ids 3..60, pads 0
 
 
-def _table(model: nn.Module, n: int = P, seed: int = 7) -> torch.Tensor:
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in ph.locate(model).sites)
-    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
-
-
-def _prefix(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
-
-
 def _prompt(n: int = P, seed: int = 5) -> PromptTable:
     # Several times the scale of the (scaled) token embeddings, far from any init.
     return PromptTable(3.0 * torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)))
-
-
-def _prompt_oracle(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, **extra: Any
-) -> Any:
-    """The model fed inputs_embeds with the prompt in front of each row's tokens."""
-    embed = model.get_input_embeddings()
-    rows, masks = [], []
-    for b in range(ids.shape[0]):
-        rows.append(torch.cat([table, embed(ids[b])]))
-        masks.append(torch.cat([torch.ones(table.shape[0], dtype=mask.dtype), mask[b]]))
-    return model(inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks), **extra)
 
 
 def _shift_right(labels: torch.Tensor) -> torch.Tensor:
@@ -345,19 +292,6 @@ def _attached(model: nn.Module, method: str, shift: bool = True) -> Any:
     return _prompt() if method == "prompt" else _prefix(model, _table(model), shift)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_padded_rows_equal_rows_alone(method: str) -> None:
-    model = tiny_bart()
-    ids, mask = _padded()
-    dec = decoder_ids(3, 4)
-    with ph.attach(model, _attached(model, method)), torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        for row in range(3):
-            alone = ids[row : row + 1, mask[row].bool()]
-            single = model(input_ids=alone, decoder_input_ids=dec[row : row + 1]).logits
-            torch.testing.assert_close(padded[row : row + 1], single, atol=1e-5, rtol=0)
-
-
 def _greedy(logits_of: Any, steps: int, batch_size: int) -> torch.Tensor:
     """Greedy decoding from a function of the decoder ids so far (no cache)."""
     out = torch.full((batch_size, 1), START)
@@ -400,49 +334,6 @@ def test_greedy_generate_equals_oracle(attn: str, method: str, shift: bool) -> N
             assert torch.equal(uncached, expected)
     assert torch.equal(cached, expected)
     assert not torch.equal(plain, expected)  # the prompt changes what is generated
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_detach_restores_the_model_bit_for_bit(method: str) -> None:
-    model = tiny_bart()
-    ids, mask = _padded()
-    dec = decoder_ids(3, 4)
-    before = snapshot(model)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    att = ph.attach(model, _attached(model, method))
-    with torch.no_grad():
-        prompted = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    att.detach()
-    assert same_snapshot(before, snapshot(model))
-    with torch.no_grad():
-        after = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    assert torch.equal(after, logits) and torch.equal(again, generated)
-    assert not torch.equal(prompted, logits)
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_gradients_reach_every_prompt_site_and_no_model_parameter(method: str) -> None:
-    model = tiny_bart()
-    ids, mask = _padded()
-    labels = decoder_ids(3, 4, seed=9)
-    attached = _attached(model, method)
-    with ph.attach(model, attached) as att:
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        (weight,) = list(att.parameters())
-        assert weight.grad is not None
-        if method == "prefix":
-            start = 0
-            for site in ph.locate(model).sites:
-                width = 2 * site.num_kv_heads * site.head_dim
-                assert weight.grad[:, start : start + width].abs().sum() > 0, site
-                start += width
-        else:
-            assert (weight.grad.abs().sum(1) > 0).all()  # every virtual token
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_base_model_builds_decoder_inputs_from_the_users_ids() -> None:

@@ -17,157 +17,27 @@ from typing import Any
 
 import pytest
 import torch
-import transformers as tf
-from models import CACHE_ARG, same_snapshot, snapshot
-from prefix_oracle import filled_cache, positions, site_kv
 from torch import nn
 
 import prompthooks as ph
-from prompthooks.methods import Prefix, PromptTable
+from prompthooks.methods import PromptTable
+from tests.support.builders import CAUSAL_HEADS as HEADS
+from tests.support.builders import MAX_POSITIONS, VOCAB, left_padded, prefix_of, tiny_causal
+from tests.support.builders import prefix_table as _prefix_table
+from tests.support.builders import random_table as random_table
+from tests.support.models import CACHE_ARG, same_snapshot, snapshot
+from tests.support.oracle import causal_prompted_inputs as prompted_inputs
+from tests.support.prefix_oracle import filled_cache, positions, site_kv
 
-VOCAB = 61
-MAX_POSITIONS = 64
 FAMILIES = ("neox", "opt")
 N = 4
 
-HEADS: dict[str, dict[str, Any]] = {
-    "neox": {
-        "lm": tf.GPTNeoXForCausalLM,
-        "base": tf.GPTNeoXModel,
-        "cls": tf.GPTNeoXForSequenceClassification,
-        "tok": tf.GPTNeoXForTokenClassification,
-        "qa": tf.GPTNeoXForQuestionAnswering,
-    },
-    "opt": {
-        "lm": tf.OPTForCausalLM,
-        "base": tf.OPTModel,
-        "decoder": tf.models.opt.modeling_opt.OPTDecoder,
-        "cls": tf.OPTForSequenceClassification,
-        "qa": tf.OPTForQuestionAnswering,
-    },
-}
-
-
-def tiny_causal(family: str, attn: str = "sdpa", head: str = "lm") -> nn.Module:
-    """2 layers, hidden 32, 4 heads (head_dim 8), random weights at a scale
-    (0.2) where the logits depend visibly on every input, in eval mode."""
-    torch.manual_seed(0)
-    config: Any
-    common = {
-        "num_hidden_layers": 2,
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": MAX_POSITIONS,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-    if family == "neox":  # default partial rotary (25% of each head) is kept
-        config = tf.GPTNeoXConfig(intermediate_size=64, initializer_range=0.2, **common)
-    else:
-        proj = family == "opt-proj"
-        config = tf.OPTConfig(
-            ffn_dim=64,
-            init_std=0.2,
-            word_embed_proj_dim=16 if proj else 32,
-            do_layer_norm_before=not proj,
-            **common,
-        )
-    config._attn_implementation = attn
-    model: nn.Module = HEADS[family.split("-")[0]][head](config).eval()
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = 0
-        model.generation_config.eos_token_id = None  # never stop early: fixed lengths
-    return model
-
-
-def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random non-special ids, left padded with 0 (how decoder-only models are batched)."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
-
-
-def first_real(mask_row: torch.Tensor) -> int:
-    return int(mask_row.tolist().index(1))
-
-
-def random_table(rows: int, width: int, seed: int = 7) -> torch.Tensor:
-    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
-
 
 def prefix_table(model: nn.Module, seed: int = 7) -> torch.Tensor:
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in ph.locate(model).sites)
-    return random_table(N, width, seed)
-
-
-def prefix_of(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
+    return _prefix_table(model, N, seed)
 
 
 # -- independent references ---------------------------------------------------------
-
-
-def prompted_inputs(
-    model: nn.Module,
-    family: str,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    table: torch.Tensor,
-    labels: torch.Tensor | None = None,
-) -> tuple[dict[str, Any], list[list[int]]]:
-    """The prompted batch as ``inputs_embeds``, built row by row: the prompt right
-    before each row's first real token. Also returns, per row, the positions
-    that hold the user's tokens."""
-    embed = model.get_input_embeddings()
-    p = table.shape[0]
-    rows_e, rows_m, rows_pos, rows_lab, keep = [], [], [], [], []
-    for b in range(ids.shape[0]):
-        at = first_real(mask[b])
-        e = embed(ids[b])
-        rows_e.append(torch.cat([e[:at], table, e[at:]]))
-        rows_m.append(torch.cat([mask[b, :at], torch.ones(p, dtype=mask.dtype), mask[b, at:]]))
-        rows_pos.append(torch.tensor([0] * at + list(range(p + ids.shape[1] - at))))
-        if labels is not None:
-            row = labels[b].clone()
-            # A row's first real token has no real predecessor (alone and
-            # unpadded it is no target), so it is no target with a prompt.
-            row[at] = -100
-            rows_lab.append(torch.cat([row[:at], torch.full((p,), -100), row[at:]]))
-        keep.append(list(range(at)) + list(range(at + p, ids.shape[1] + p)))
-    kw: dict[str, Any] = {
-        "inputs_embeds": torch.stack(rows_e),
-        "attention_mask": torch.stack(rows_m),
-    }
-    if family == "neox":  # NeoX numbers tokens 0, 1, ... regardless of padding unless told
-        kw["position_ids"] = torch.stack(rows_pos)
-    # OPT derives its positions from the mask itself: its own convention is the reference.
-    if labels is not None:
-        kw["labels"] = torch.stack(rows_lab)
-    return kw, keep
-
-
-def prompt_oracle(
-    model: nn.Module,
-    family: str,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    table: torch.Tensor,
-    labels: torch.Tensor | None = None,
-) -> Any:
-    """The model's output on the prompted ``inputs_embeds``, the virtual
-    positions removed from the logits by hand."""
-    kw, keep = prompted_inputs(model, family, ids, mask, table, labels)
-    out = model(**kw)
-    out.logits = torch.stack([out.logits[b, keep[b]] for b in range(ids.shape[0])])
-    return out
 
 
 def prompt_oracle_outputs(
@@ -296,28 +166,6 @@ def test_sites(family: str, head: str) -> None:
 # -- soft prompts ----------------------------------------------------------------------
 
 
-@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", [*FAMILIES, "opt-proj"])
-def test_prompt_tuning_matches_inputs_embeds_oracle(family: str, attn: str) -> None:
-    model = tiny_causal(family, attn)
-    ids, mask = left_padded([7, 4, 6], seed=3)
-    labels = labels_of(ids, mask)
-    table = random_table(5, ph.locate(model).hidden_size)
-    with ph.attach(model, PromptTable(table)), torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        plain = model(input_ids=ids, attention_mask=mask).logits
-    with torch.no_grad():
-        ref = prompt_oracle(model, family, ids, mask, table, labels)
-        unprompted = model(input_ids=ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert (ref.logits - unprompted)[real].abs().max() > 1e-2  # the prompt matters
-    assert out.logits.shape == ids.shape + (VOCAB,)
-    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(plain[real], ref.logits[real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal_lm_loss_is_the_loss_of_the_returned_logits(family: str) -> None:
     """Rows without padding: the loss equals the shifted cross-entropy of the
@@ -389,13 +237,13 @@ def test_question_answering_spans_are_user_positions(family: str) -> None:
 
 
 @pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
-@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("shift", [True, False])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", [*FAMILIES, "opt-proj"])
-def test_prefix_matches_hand_filled_cache(
-    family: str, attn: str, shift: bool, use_cache: bool
-) -> None:
+def test_prefix_loss_and_opt_positions_match_hand_filled_cache(family: str, shift: bool) -> None:
+    """The loss of a prefixed batch, and OPT numbering positions itself. Logits
+    on both attention implementations, with and without ``use_cache``:
+    tests/test_conformance.py (oracle)."""
+    attn, use_cache = "sdpa", False
     model = tiny_causal(family, attn)
     table = prefix_table(model)
     ids, mask = left_padded([7, 3, 5], seed=4)
@@ -443,60 +291,6 @@ def method(model: nn.Module, kind: str, seed: int = 1) -> nn.Module:
     if kind == "prompt":
         return PromptTable(random_table(N, ph.locate(model).hidden_size, seed))
     return prefix_of(model, prefix_table(model, seed))
-
-
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_padded_rows_equal_rows_alone(family: str, kind: str) -> None:
-    model = tiny_causal(family)
-    ids, mask = left_padded([7, 3, 5], seed=5)
-    with ph.attach(model, method(model, kind)), torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask).logits
-        for row in range(3):
-            alone = model(input_ids=ids[row : row + 1, mask[row].bool()]).logits
-            got = padded[row : row + 1, mask[row].bool()]
-            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_reach_only_the_prompt(family: str, kind: str) -> None:
-    model = tiny_causal(family)
-    ids, mask = left_padded([6, 3], seed=6)
-    with ph.attach(model, method(model, kind)) as att:
-        model(input_ids=ids, attention_mask=mask, labels=labels_of(ids, mask)).loss.backward()
-        (weight,) = list(att.parameters())
-        assert weight.grad is not None
-        if kind == "prefix":  # every site's keys and values get a gradient
-            block = weight.shape[1] // 4
-            for part in range(4):
-                assert weight.grad[:, part * block : (part + 1) * block].abs().sum() > 0, part
-        else:  # every virtual token gets one
-            assert (weight.grad.abs().sum(dim=1) > 0).all()
-    assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_detach_restores_the_model_bit_for_bit(family: str) -> None:
-    model = tiny_causal(family)
-    ids, mask = left_padded([6, 4], seed=7)
-    before = snapshot(model)
-    with torch.no_grad():
-        base = model(input_ids=ids, attention_mask=mask).logits
-        base_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-    for kind in ("prompt", "prefix"):
-        with ph.attach(model, method(model, kind)):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels_of(ids, mask)).loss
-            loss.backward()
-            with torch.no_grad():
-                prompted = model(input_ids=ids, attention_mask=mask).logits
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-        assert (prompted - base).abs().max() > 1e-3  # it was attached
-        assert same_snapshot(before, snapshot(model)), kind
-        with torch.no_grad():
-            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)
-            again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-        assert torch.equal(again, base_gen)
 
 
 # -- generation ------------------------------------------------------------------------

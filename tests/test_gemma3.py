@@ -34,13 +34,13 @@ from typing import Any
 
 import pytest
 import torch
-from models import hooks_on
-from oracle import first_real, oracle_logits
-from prefix_oracle import decoder_only_logits, filled_cache, positions, site_kv
 from torch import nn
 
 import prompthooks as ph
-from prompthooks.methods import Prefix
+from tests.support.builders import prefix_of as _prefix
+from tests.support.models import hooks_on
+from tests.support.oracle import first_real, oracle_logits
+from tests.support.prefix_oracle import decoder_only_logits, filled_cache, positions, site_kv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
 from assets import load_gemma3  # noqa: E402
@@ -138,11 +138,6 @@ def _table(seed: int = 7) -> torch.Tensor:
     """A prefix table far from any init, so agreement means something."""
     width = LAYERS * 2 * KV_HEADS * HEAD_DIM
     return torch.randn(N, width, generator=torch.Generator().manual_seed(seed))
-
-
-def _prefix(model: nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
 
 
 def _spliced(

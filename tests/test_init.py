@@ -32,17 +32,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import VOCAB, batch, tiny
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
-from plain_models import PlainLM, PlainSeq2Seq
-from test_family_bart import tiny_bart
-from test_family_causal import tiny_causal
-from test_family_encoders import batch as encoder_batch
-from test_family_encoders import tiny as tiny_encoder
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.methods import Prefix, PTuningPrompt
+from tests.support.builders import encoder_batch, tiny_bart, tiny_causal, tiny_encoder
+from tests.support.models import VOCAB, batch, tiny
+from tests.support.plain_models import PlainLM, PlainSeq2Seq
 
 TEXT = [5, 9, 11, 4, 7]
 
@@ -562,7 +559,7 @@ def test_text_init_asks_for_what_it_needs() -> None:
 
 
 def test_the_capture_leaves_no_hook_and_keeps_the_modes() -> None:
-    from models import hooks_on
+    from tests.support.models import hooks_on
 
     model = tiny("t5")
     model.train()
@@ -578,7 +575,7 @@ def test_the_capture_leaves_no_hook_and_keeps_the_modes() -> None:
 def test_a_failed_capture_leaves_the_model_as_it_was() -> None:
     """A text the model cannot run over (longer than its position table) fails
     inside the capture run: no hook, mode or flag of it stays behind."""
-    from models import hooks_on, same_snapshot, snapshot
+    from tests.support.models import hooks_on, same_snapshot, snapshot
 
     model = PlainLM()
     model.train()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import same_snapshot, snapshot
 from safetensors import safe_open
 
 import prompthooks as ph
+from tests.support.models import same_snapshot, snapshot
 
 # File and workflow tests: the same on every kernel path; they run in the torch pass
 # and the Triton pass deselects them (-m "not workflow").

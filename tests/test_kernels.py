@@ -21,10 +21,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import batch, tiny
 
 import prompthooks as ph
 from prompthooks.kernels import choose, splice_tokens
+from tests.support.models import batch, tiny
 
 VOCAB = 50
 

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import batch, same_snapshot, snapshot, tiny
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.locators.classes import KNOWN
+from tests.support.models import batch, same_snapshot, snapshot, tiny
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@
 The reference for every row is the same row run alone with its own prompt
 selected (``att.use(name)``), unpadded. Hypothesis draws the architecture, the
 row-to-prompt assignment, prompt lengths, padding and methods mixed in one batch
-(Prompt Tuning, P-tuning, prefixes); every row must equal its reference in the
-forward and in greedy ``generate``, and the rows that beams and
-``num_return_sequences`` add follow their row.
+(Prompt Tuning, P-tuning, prefixes); every row must equal its reference in greedy
+``generate``, and the rows that beams and ``num_return_sequences`` add follow
+their row. The forward, for every family: tests/test_conformance.py (mixed).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import ARCHS, DECODER_ONLY, batch, decoder_ids, model_inputs, tiny, unpad
 
 import prompthooks as ph
+from tests.support.models import ARCHS, DECODER_ONLY, batch, tiny, unpad
 
 NAMES = ("a", "b", "c")
 
@@ -61,36 +61,6 @@ cases = st.fixed_dictionaries(
         "data": st.data(),
     }
 )
-
-
-@settings(max_examples=25)
-@given(case=cases)
-def test_every_row_of_a_mixed_batch_equals_the_row_alone(case: dict) -> None:
-    arch = case["arch"]
-    model = tiny(arch, seed=case["seed"])
-    width = max(case["lengths"]) + case["extra_pad"]
-    ids, mask = batch(arch, case["lengths"], seed=case["seed"], pad_to=width)
-    rows = case["data"].draw(
-        st.lists(
-            st.sampled_from(NAMES), min_size=len(case["lengths"]), max_size=len(case["lengths"])
-        )
-    )
-    dec = decoder_ids(ids.shape[0])
-    prompts = _prompts(model, case["prompt_lengths"], _kinds(case))
-    with ph.attach(model, prompts) as att, torch.no_grad():
-        kw = model_inputs(arch, ids, mask)
-        if arch == "t5":
-            kw["decoder_input_ids"] = dec
-        with att.use(rows):
-            together = model(**kw).logits
-        for r, name in enumerate(rows):
-            alone_kw = model_inputs(arch, unpad(arch, ids, mask, r), None)
-            if arch == "t5":
-                alone_kw["decoder_input_ids"] = dec[r : r + 1]
-            with att.use(name):
-                alone = model(**alone_kw).logits
-            got = together[r : r + 1] if arch == "t5" else together[r : r + 1, mask[r].bool()]
-            torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 
 @settings(max_examples=10)

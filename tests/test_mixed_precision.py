@@ -7,7 +7,7 @@ under the same autocast), with the base parameters frozen as they are while a
 prompt is attached:
 
 * token prompts (Prompt Tuning, P-tuning): ``inputs_embeds`` built by hand
-  (``tests/oracle.py``), the fp32 table cast to the model's dtype row by row;
+  (``tests/support/oracle.py``), the fp32 table cast to the model's dtype row by row;
 * prefixes (Prefix Tuning, P-tuning v2): a ``DynamicCache`` filled by hand
   (GPT-2, LLaMA, BERT), and on T5 the encoder run block by block, each block
   given a hand-filled cache, and the decoder given a hand-filled
@@ -50,14 +50,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import ARCHS, batch, decoder_ids, same_snapshot, snapshot, tiny
-from oracle import first_real, oracle_logits
-from prefix_oracle import positions, site_kv
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 import prompthooks as ph
 from prompthooks.methods import SoftPrompt
+from tests.support.models import ARCHS, batch, decoder_ids, same_snapshot, snapshot, tiny
+from tests.support.oracle import first_real, oracle_logits
+from tests.support.prefix_oracle import positions, site_kv
 
 MODES = ("bf16", "fp16", "autocast")
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}

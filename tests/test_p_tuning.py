@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import VOCAB, batch, tiny
 from peft import PromptEncoderConfig, get_peft_model
 
 import prompthooks as ph
 from prompthooks.methods import PromptTable, PTuningPrompt
+from tests.support.models import VOCAB, batch, tiny
 
 P = 9
 

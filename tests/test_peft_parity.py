@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import batch, decoder_ids, tiny
 from peft import PromptTuningConfig, get_peft_model
 
 import prompthooks as ph
+from tests.support.models import batch, decoder_ids, tiny
 
 TASKS = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-from models import VOCAB, tiny
 from peft import (
     PeftModel,
     PrefixTuningConfig,
@@ -32,6 +31,7 @@ from peft import (
 )
 
 import prompthooks as ph
+from tests.support.models import VOCAB, tiny
 
 # File and workflow tests: the same on every kernel path; they run in the torch pass
 # and the Triton pass deselects them (-m "not workflow").

@@ -25,12 +25,14 @@ from typing import Any
 
 import pytest
 import torch
-from models import batch, decoder_ids, tiny
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
-from prefix_oracle import decoder_only_logits, positions, t5_logits
 
 import prompthooks as ph
 from prompthooks.methods import Prefix
+from tests.support.builders import prefix_of as _prefix
+from tests.support.builders import prefix_table
+from tests.support.models import batch, decoder_ids, tiny
+from tests.support.prefix_oracle import positions, t5_logits
 
 TASKS = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
 OUTPUT = {"gpt2": "logits", "llama": "logits", "bert": "last_hidden_state"}
@@ -42,15 +44,7 @@ def _model(arch: str, attn: str = "sdpa") -> torch.nn.Module:
 
 
 def _table(model: torch.nn.Module, n: int = N, seed: int = 7) -> torch.Tensor:
-    located = ph.locate(model)
-    width = sum(2 * s.num_kv_heads * s.head_dim for s in located.sites)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, width, generator=g)  # far from any init, so parity means something
-
-
-def _prefix(model: torch.nn.Module, table: torch.Tensor, shift: bool = True) -> Prefix:
-    shapes = [(s.num_kv_heads, s.head_dim) for s in ph.locate(model).sites]
-    return Prefix(shapes, table=table, shift_positions=shift)
+    return prefix_table(model, n, seed)  # far from any init, so parity means something
 
 
 def _peft(model: torch.nn.Module, arch: str, table: torch.Tensor) -> Any:
@@ -121,26 +115,6 @@ def test_save_peft_round_trip(arch: str, tmp_path: Path) -> None:
     with ph.attach(model, ph.load_peft(tmp_path)), torch.no_grad():
         again = getattr(model(input_ids=ids, attention_mask=mask), OUTPUT[arch])
     torch.testing.assert_close(again[real], ours[real], atol=1e-6, rtol=0)
-
-
-@pytest.mark.oldest_release
-@pytest.mark.parametrize("shift", [True, False])
-@pytest.mark.parametrize("use_cache", [True, False])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
-def test_hand_filled_cache_oracle(arch: str, shift: bool, use_cache: bool) -> None:
-    model = _model(arch)
-    table = _table(model)
-    ids, mask = _padded(arch)
-    site = ph.locate(model).sites[0]
-    with torch.no_grad():
-        expected = decoder_only_logits(
-            model, ids, mask, table, site.num_kv_heads, site.head_dim, shift, OUTPUT[arch]
-        )
-    kw: dict[str, Any] = {} if arch == "bert" else {"use_cache": use_cache}
-    with ph.attach(model, _prefix(model, table, shift)), torch.no_grad():
-        got = getattr(model(input_ids=ids, attention_mask=mask, **kw), OUTPUT[arch])
-    real = mask.bool()
-    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
 
 
 @pytest.mark.oldest_release

@@ -1,6 +1,6 @@
 """Plain PyTorch models (``nn.Embedding`` + ``nn.MultiheadAttention``): the
 generic locator, soft prompts and input-space prefixes against a float64
-reference written from the weights (tests/plain_models.py: a causal LM on
+reference written from the weights (tests/support/plain_models.py: a causal LM on
 ``nn.TransformerEncoder`` and an encoder-decoder on ``nn.Transformer``, batch-first
 and sequence-first; einsum attention, no ``nn.MultiheadAttention``).
 
@@ -8,9 +8,8 @@ and sequence-first; einsum attention, no ``nn.MultiheadAttention``).
   autograd (where PyTorch's fused path would otherwise bypass the hooks);
 * input-space prefixes solved for randomly chosen keys and values make the model
   compute exactly the attention over those keys;
-* padded rows and mixed batches of prefixes of different lengths equal the rows
-  alone; an optimizer over ``model.parameters()`` trains only the prompts; detaching
-  is bit-identical.
+* an optimizer over ``model.parameters()`` trains only the prompts; detaching is
+  bit-identical (padded rows and mixed batches: tests/test_conformance.py).
 """
 
 from __future__ import annotations
@@ -20,14 +19,21 @@ import logging
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from models import hooks_on, same_snapshot, snapshot
-from plain_models import VOCAB, WIDTH, PlainLM, PlainSeq2Seq, Prefix, reference
 from torch import nn
 
 import prompthooks as ph
 from prompthooks.methods import Prefix as PrefixPrompt
+from tests.support.builders import random_table
+from tests.support.models import hooks_on, same_snapshot, snapshot
+from tests.support.plain_models import (
+    VOCAB,
+    WIDTH,
+    PlainLM,
+    PlainSeq2Seq,
+    Prefix,
+    plain_batch,
+    reference,
+)
 
 DEC = torch.tensor([[3, 5, 7], [4, 6, 8], [9, 10, 11]])
 # nn.Transformer asks for batch_first to use its nested-tensor path: not the point here.
@@ -38,16 +44,7 @@ def _model(kind: str, batch_first: bool) -> nn.Module:
     return PlainLM(batch_first) if kind == "lm" else PlainSeq2Seq(batch_first)
 
 
-def _batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded random ids (pad id 0 never occurs in a real token)."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[row, :n] = 1
-    return ids, mask
+_batch = plain_batch  # right-padded random ids (pad id 0 never occurs in a real token)
 
 
 def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -58,8 +55,7 @@ def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int = 
     return out
 
 
-def _table(rows: int, width: int, seed: int) -> torch.Tensor:
-    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+_table = random_table
 
 
 def _prefix(model: nn.Module, p: int, seed: int = 3) -> tuple[PrefixPrompt, list[Prefix]]:
@@ -241,48 +237,6 @@ def test_input_space_prefix_reaches_any_keys_and_values() -> None:
 
 
 # -- padding, mixed batches --------------------------------------------------------------
-
-
-@settings(max_examples=8, deadline=None)
-@given(
-    kind=st.sampled_from(["lm", "s2s"]),
-    batch_first=st.booleans(),
-    method=st.sampled_from(["prompt", "prefix"]),
-    lengths=st.lists(st.integers(1, 7), min_size=2, max_size=3),
-    p=st.integers(1, 4),
-)
-def test_padded_rows_equal_rows_alone(
-    kind: str, batch_first: bool, method: str, lengths: list[int], p: int
-) -> None:
-    model = _model(kind, batch_first)
-    ids, mask = _batch(lengths, seed=sum(lengths))
-    spec = ph.PromptTuning(p) if method == "prompt" else _prefix(model, p)[0]
-    with ph.attach(model, spec), torch.no_grad():
-        together = _call(model, ids, mask)
-        for row, n in enumerate(lengths):
-            alone = _call(model, ids[row : row + 1, :n], mask[row : row + 1, :n], row)
-            mine = together[row, :n] if kind == "lm" else together[row]
-            torch.testing.assert_close(mine, alone[0], atol=1e-5, rtol=0)
-
-
-@pytest.mark.kernel_paths  # also run on the Triton path (tests/conftest.py)
-@pytest.mark.parametrize("kind", ["lm", "s2s"])
-def test_mixed_batch_rows_equal_their_prefix_alone(kind: str) -> None:
-    model = _model(kind, True)
-    ids, mask = _batch([5, 4, 6], seed=2)
-    short, long = _prefix(model, 2, seed=1)[0], _prefix(model, 4, seed=2)[0]
-    with ph.attach(model, {"short": short, "long": long}) as att, torch.no_grad():
-        with att.use(["short", "long", "short"]):
-            mixed = _call(model, ids, mask)
-        for row, name in enumerate(["short", "long", "short"]):
-            with att.use(name):
-                alone = _call(model, ids[row : row + 1], mask[row : row + 1], row)
-            torch.testing.assert_close(
-                _real(mixed[row : row + 1], mask[row : row + 1], kind),
-                _real(alone, mask[row : row + 1], kind),
-                atol=1e-5,
-                rtol=0,
-            )
 
 
 # -- training and detaching -------------------------------------------------------------

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import VOCAB, batch, same_snapshot, snapshot, tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import prompthooks as ph
+from tests.support.models import VOCAB, batch, same_snapshot, snapshot, tiny
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -23,6 +23,18 @@ from torch.nn import functional as F
 VOCAB, WIDTH, HEADS, MAX_LEN = 29, 16, 2, 40
 
 
+def plain_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random ids (pad id 0 never occurs in a real token)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[row, :n] = 1
+    return ids, mask
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 

@@ -10,7 +10,8 @@
   ``EncoderDecoderCache`` or, where positions must not count the prefix,
   written out as well.
 
-The prefix table layout is the documented one (DESIGN.md section 6):
+The prefix table layout is the documented one (the module docstring of
+``prompthooks/methods/prefix_tuning.py``: PEFT's ``prompt_embeddings`` layout):
 ``table.view(P, sites, 2, H_kv, D)``, sites in ``ph.locate(model).sites`` order.
 """
 
@@ -19,8 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers as tf
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
+
+from tests.support.builders import ENCODER_FIRST
 
 
 def site_kv(
@@ -338,3 +342,61 @@ def bart_logits(
     if shift:
         return bart_decoder_with_cache(model, encoded, mask, decoder_ids, self_kv, cross_kv)
     return bart_decoder_by_hand(model, encoded, mask, decoder_ids, self_kv, cross_kv, 0)
+
+
+# -- RoBERTa and DistilBERT -----------------------------------------------------------
+
+
+def roberta_prefix_oracle(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, shift: bool
+) -> Any:
+    """RoBERTa given the prefix as a hand-filled past, positions from ``padding_idx + 1``."""
+    p, b = table.shape[0], ids.shape[0]
+    config = model.config
+    heads = config.num_attention_heads
+    dim = config.hidden_size // heads
+    cache = filled_cache(site_kv(table, config.num_hidden_layers, heads, dim), b)
+    return model(
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones(b, p, dtype=mask.dtype), mask], dim=1),
+        position_ids=positions(mask, ENCODER_FIRST["roberta"] + (p if shift else 0)),
+        past_key_values=cache,
+        output_hidden_states=True,
+    )
+
+
+def distilbert_prefix_oracle(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DistilBERT written out: embeddings at explicit positions, then per block
+    attention over ``[prefix ; keys]``, residual norms and the feed-forward.
+    Returns the last hidden state and, for a classification head, its logits."""
+    body = model.distilbert if hasattr(model, "distilbert") else model
+    config = model.config
+    heads, dim = config.n_heads, config.dim // config.n_heads
+    kv = site_kv(table, config.n_layers, heads, dim)
+    p, b, length = table.shape[0], ids.shape[0], ids.shape[1]
+    x = body.embeddings(ids, None, positions(mask, p if shift else 0))
+    keep = torch.cat([torch.ones(b, p), mask.float()], dim=1)
+    additive = ((1 - keep) * torch.finfo(torch.float32).min)[:, None, None, :]
+    for i, block in enumerate(body.transformer.layer):
+        attn = block.attention
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, heads, dim).transpose(1, 2)
+
+        query = split(attn.q_lin(x))
+        key = torch.cat([kv[i][0].expand(b, -1, -1, -1), split(attn.k_lin(x))], dim=2)
+        value = torch.cat([kv[i][1].expand(b, -1, -1, -1), split(attn.v_lin(x))], dim=2)
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) / dim**0.5 + additive
+        mixed = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), value)
+        out = attn.out_lin(mixed.transpose(1, 2).reshape(b, length, heads * dim))
+        x = block.sa_layer_norm(out + x)
+        x = block.output_layer_norm(block.ffn(x) + x)
+    logits = None
+    if isinstance(model, tf.DistilBertForSequenceClassification):
+        logits = model.classifier(torch.relu(model.pre_classifier(x[:, 0])))
+    elif isinstance(model, tf.DistilBertForMaskedLM):  # its MLM head, written out
+        head = model.vocab_layer_norm(model.activation(model.vocab_transform(x)))
+        logits = model.vocab_projector(head)
+    return x, logits

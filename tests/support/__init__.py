@@ -1,0 +1,1 @@
+"""Shared test support: tiny models, the model-family registry and independent oracles."""
