@@ -80,12 +80,10 @@ class SoftPromptHooks:
         self.vocab_size = located.vocab_size
         self.stack_takes_positions = located.call_names(located.input_stack).positions is not None
         # Pad slots go where the model's own padding goes: in front for decoder-only
-        # models (generation appends at the end), at the end for encoders and for
-        # plain PyTorch models (torch-mha: right padded, no generate; a pad slot in
-        # front leaves a causal query with no key, which nn.MultiheadAttention turns
-        # into NaN, and the NaN reaches every row through the masked values).
+        # models (generation appends at the end), at the end for encoders and where
+        # the locator says so (``Located.pad_slots_last``).
         self.pad_front = not (
-            located.is_encoder_decoder or located.cls_first or located.locator == "torch-mha"
+            located.is_encoder_decoder or located.cls_first or located.pad_slots_last
         )
         # A causal loss whose rows start with the prompt: their first real token is
         # no target (``lengthen_labels``). Not where ``[CLS]`` stays first.

@@ -135,6 +135,11 @@ class Located:
             its positions from ``padding_idx + 1``).
         position_tables: position embeddings whose stacks take no position
             ids, renumbered by the prefix hooks (see ``PositionTable``).
+        pad_slots_last: in a batch whose rows get prompts of different lengths,
+            the shorter rows' pad slots go after the row, not in front. Decoder-only
+            models pad in front (generation appends at the end); a right-padded
+            causal model that does not generate (a plain PyTorch one) needs them
+            last: a pad slot in front is a causal query with no key to attend to.
     """
 
     locator: str
@@ -149,6 +154,7 @@ class Located:
     shifted_labels: bool = False
     first_position: int = 0
     position_tables: tuple[PositionTable, ...] = ()
+    pad_slots_last: bool = False
     #: How the model, the input stack and each encoder-mask reader take their
     #: cache, mask and positions, read from their signatures (``CallNames``).
     calls: tuple[tuple[nn.Module, CallNames], ...] = field(init=False, compare=False)

@@ -127,4 +127,7 @@ class TorchMHALocator(Locator):
             sites=tuple(sites),
             max_positions=None,  # positions are the model's own business
             is_encoder_decoder="cross" in counts,
+            # right padded and never generating: a pad slot in front would be a causal
+            # query with no key, which nn.MultiheadAttention turns into NaN
+            pad_slots_last=True,
         )
