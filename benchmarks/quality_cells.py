@@ -84,11 +84,14 @@ CURVE_ROWS = 64
 #: cell ended at chance. So, per task, the text-initialised prompthooks prefix is trained
 #: once with each rate of LR_GRID, and the rate whose run scores best on SELECT_ROWS
 #: training rows that no step reads (ties: the lower held-out loss) is the one the
-#: text-initialised Prefix-MLP cell trains with (the trial at that rate is the same run).
-#: The test set plays no part in the choice. The random- and zero-init Prefix-MLP cells
-#: (both libraries) keep the PEFT examples' rate, as every other method does.
+#: random- and text-init Prefix-MLP cells of that task train with, both libraries (the
+#: trial at that rate is the text cell's run). The test set plays no part in the choice.
+#: The zero-init cells keep the PEFT examples' rate (not rerun: CPU time).
 #: Method -> the method whose trials choose its rate.
-LR_CHOSEN_BY = {"prefix_tuning_text": "prefix_tuning_text"}
+LR_CHOSEN_BY = {
+    "prefix_tuning": "prefix_tuning_text",
+    "prefix_tuning_text": "prefix_tuning_text",
+}
 LR_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 SELECT_ROWS = 200
 LM_BASELINES = ("zero_shot", "icl_4shot")

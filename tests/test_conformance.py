@@ -62,8 +62,10 @@ def _params(prop: str, every_attn: tuple[str, ...] = ()) -> list[Any]:
         for attn in family.attns if family.kind in every_attn else family.attns[-1:]:
             marks = [pytest.mark.conformance(family=name, prop=prop, method=method)]
             finding = family.failure(prop, method)
-            if finding is not None:  # reported, not hidden: a fix turns it into a failure
-                marks.append(pytest.mark.xfail(strict=True, reason=finding))
+            if finding is not None:  # refused loudly, not hidden: a fix turns it into a failure
+                marks.append(
+                    pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=finding)
+                )
             out.append(pytest.param(name, method, attn, id=f"{name}-{method}-{attn}", marks=marks))
     return out
 

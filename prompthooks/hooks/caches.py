@@ -34,6 +34,15 @@ def make_room(cache: Any, layer: int, count: int) -> bool:
     if layers is None or layer >= len(layers) or not hasattr(layers[layer], "max_cache_len"):
         return False
     target = layers[layer]
+    if "SlidingWindow" in type(target).__name__:
+        # Its slots are the window, not the sequence: P more would widen the window,
+        # and the lengthened masks do not follow it. Refused rather than wrong.
+        raise NotImplementedError(
+            f"{type(cache).__name__} layer {layer} is a fixed-size sliding-window layer "
+            f"({type(target).__name__}); prompthooks cannot add a prompt's {count} "
+            "positions to it yet. Use the default dynamic cache (drop "
+            "cache_implementation='static') for models with sliding-window layers"
+        )
     if getattr(target, "is_initialized", False):
         if (recall(cache, "room") or 0) >= count:
             return True  # a cache reused from an earlier call got its slots then

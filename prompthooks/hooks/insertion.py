@@ -25,7 +25,7 @@ from .arguments import Kwargs
 from .bank import PromptBank
 from .caches import make_room_everywhere, prefix_width, recall, remember
 from .layout import insert, insertion_points, positions_from_mask, shift_positions
-from .masks import causal_4d, padding_from_4d
+from .masks import causal_4d, padding_from_4d, refuse_per_layer_masks
 
 _TEMPLATE_WITHOUT_IDS = (
     "att.use(template=True) was declared but input_ids hold no virtual ids: place "
@@ -87,6 +87,7 @@ def plan_call(
     if templates is not None and all(templates):
         return Plan(None, names)  # the user placed every row's virtual ids
     mask = kw.get("attention_mask")
+    refuse_per_layer_masks(mask)
     if mask is not None and mask.ndim == 4:
         mask = padding_from_4d(mask, x.shape[1])
     if mask is not None and mask.ndim != 2:

@@ -173,3 +173,16 @@ def _key_padding_front(mask: torch.Tensor, rows: PrefixRows, batch: int) -> torc
     return torch.zeros(ignore.shape, dtype=mask.dtype, device=mask.device).masked_fill(
         ignore, float("-inf")
     )
+
+
+def refuse_per_layer_masks(mask: object) -> None:
+    """transformers hands some models one prepared mask per layer type (a dict:
+    a static cache on Qwen2, Qwen3, Gemma 3), which the hooks cannot lengthen
+    yet; refused with the way out rather than failing on a dict."""
+    if isinstance(mask, dict):
+        raise NotImplementedError(
+            f"the model was given one attention mask per layer type ({', '.join(map(str, mask))}), "
+            "as transformers does for a static cache on some models (Qwen2, Qwen3, Gemma 3); "
+            "prompthooks cannot lengthen those yet. Use the default dynamic cache (drop "
+            "cache_implementation='static')"
+        )

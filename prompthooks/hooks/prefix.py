@@ -48,7 +48,7 @@ from .bank import PromptBank
 from .caches import capacity, recall
 from .calls import Frames
 from .checks import check_prefix_applied, check_sites_take_their_names
-from .masks import prepend_attend
+from .masks import prepend_attend, refuse_per_layer_masks
 from .prefix_caches import cached_dtype, write_prefix
 from .prefix_rows import KeyValues, PrefixRows, build_rows, prefix_positions
 from .prefix_sites import PrefixSites
@@ -229,6 +229,7 @@ class PrefixHooks:
         past = cache_length(cache)
         new = x.shape[1]
         mask = kw.get("attention_mask")
+        refuse_per_layer_masks(mask)
         if mask is not None and mask.ndim not in (2, 4):
             raise ValueError(
                 f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "

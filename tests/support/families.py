@@ -316,18 +316,14 @@ def _plain_decoder(batch: int) -> torch.Tensor:
 
 
 STATIC_DICT_MASK = (
-    "finding: generate with a static cache hands the stack a dict of per-layer-type 4-D "
-    "masks; prompthooks needs a 2-D padding mask (AttributeError: 'dict' object has no "
-    "attribute 'ndim')"
+    "refused (NotImplementedError): generate with a static cache hands the stack a dict "
+    "of per-layer-type 4-D masks, which prompthooks cannot lengthen yet"
 )
 STATIC_SLIDING = {
-    "static[prompt]": (
-        "finding: Mistral's sliding-window static cache: the prompted tokens differ from "
-        "the dynamic cache's"
-    ),
-    "static[prefix]": (
-        "finding: Mistral's sliding-window static cache: the prefix key columns do not fit "
-        "the mask (RuntimeError: size of tensor a (10) must match b (9))"
+    "static": (
+        "refused (NotImplementedError): Mistral's static cache has sliding-window layers, "
+        "whose slots are the window (before the refusal: prompted tokens differed from the "
+        "dynamic cache's, and a prefix failed on the mask's size)"
     ),
 }
 KNOWN_STATIC = {
