@@ -7,7 +7,9 @@ independent references:
 * Prompt Tuning: the same model fed ``inputs_embeds`` built by hand, left padded;
 * Prefix: the model given a hand-filled ``DynamicCache`` and explicit positions
   (shifted by P or not), left padded;
-* generation: a hand-written greedy loop over those references.
+* generation: a hand-written greedy loop over those references, for the
+  dynamic cache and the static one (which comes with one prepared mask per
+  layer type on Qwen2, Qwen3 and Gemma 3).
 
 Sliding windows bite in these configs (window 5, prompts of 4, rows up to 7):
 Mistral's layers all slide, Qwen2's second and Gemma 3's first layer do. The
@@ -228,40 +230,99 @@ def _greedy(
     return ids
 
 
+#: (family, cache, sliding window). A static cache comes with one prepared mask
+#: per layer type on Qwen2, Qwen3 and Gemma 3 (a dict; Mistral's single sliding
+#: mask is refused: tests/test_conformance.py, static). With a window of 14,
+#: Gemma 3's static sliding layer is sized below the window (12 slots for the
+#: user's tokens) until it gets the prompt's.
+GREEDY = [
+    *((name, "dynamic", WINDOW) for name in GENERATE),
+    *((name, "static", WINDOW) for name in ("qwen2", "qwen3", "gemma3")),
+    ("gemma3", "static", 14),
+]
+
+
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
-@pytest.mark.parametrize("name", GENERATE)
-def test_greedy_generate_equals_the_oracle(name: str, method: str) -> None:
-    """Cached decoding (``generate``) against the reference recomputed from
-    scratch at every step; 6 new tokens carry every row past the window."""
-    model = tiny_family(name)
+@pytest.mark.parametrize(("name", "cache", "window"), GREEDY)
+def test_greedy_generate_equals_the_oracle(name: str, cache: str, window: int, method: str) -> None:
+    """Cached decoding (``generate``, dynamic or static cache) against the
+    reference recomputed from scratch at every step; 6 new tokens carry every
+    row past the window."""
+    model = tiny_family(name, sliding_window=window)
     ids, mask = padded()
     steps = 6
+    kw: dict[str, Any] = {"max_new_tokens": steps, "do_sample": False}
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     if method == "prompt":
         with ph.attach(model, ph.PromptTuning(N)) as att:
             table = att.prompts["default"].table().detach().clone()
-            got = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False
-            )
+            got = model.generate(input_ids=ids, attention_mask=mask, **kw)
 
         def reference(i: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             return oracle_logits(model, "llama", i, m, table)[0]
 
     else:
-        table = _table(model)
+        table = _table(model, seed=5)  # a table that changes every case's tokens
         with ph.attach(model, _prefix(model, table)):
-            got = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False
-            )
+            got = model.generate(input_ids=ids, attention_mask=mask, **kw)
 
         def reference(i: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             return _prefix_oracle(model, i, m, table, True)
 
     expected = _greedy(reference, ids, mask, steps)
-    plain = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False
-    )
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert not torch.equal(plain, expected)  # the prompt changes what is generated
     assert torch.equal(got, expected)
+
+
+STATIC_METHODS: dict[str, Callable[[], Any]] = {
+    "prompt": lambda: ph.PromptTuning(N),
+    "ptuning": lambda: ph.PTuning(3, "mlp", hidden_size=16),
+    "prefix": lambda: ph.PrefixTuning(N, projection=False),
+    "prefix_mlp": lambda: ph.PrefixTuning(N, hidden_size=16),
+    "mixed": lambda: {  # one row each, prompts of different lengths
+        "a": ph.PTuning(5, "mlp", hidden_size=16),
+        "b": ph.PrefixTuning(3, hidden_size=16),
+        "c": ph.PrefixTuning(N, projection=False, shift_positions=False),
+    },
+}
+
+
+@pytest.mark.parametrize("padding", ["padded", "unpadded"])
+@pytest.mark.parametrize("method", list(STATIC_METHODS))
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "gemma3"])
+def test_static_cache_equals_dynamic_for_every_method(name: str, method: str, padding: str) -> None:
+    """Every method (P-tuning, a prefix through its MLP and a batch mixing
+    P-tuning with both prefixes, shifted and not, besides the conformance
+    cell's two), greedy and beam search. Unpadded, generate prepares no
+    full-attention mask (``None``: sdpa's causal shortcut) next to the sliding
+    one. The dynamic cache is checked against the oracles
+    (``test_greedy_generate_equals_the_oracle``, tests/test_conformance.py)."""
+    model = tiny_family(name)
+    ids, mask = padded() if padding == "padded" else batch("llama", [6, 6, 6], seed=4)
+    torch.manual_seed(2)
+    with ph.attach(model, STATIC_METHODS[method]()) as att, torch.no_grad():
+        rows = ["a", "b", "c"] if method == "mixed" else ["default"] * 3
+        with att.use(rows):
+            for beams in (1, 2):
+                kw: dict[str, Any] = {"max_new_tokens": 6, "do_sample": False, "num_beams": beams}
+                dynamic = model.generate(input_ids=ids, attention_mask=mask, **kw)
+                static = model.generate(
+                    input_ids=ids, attention_mask=mask, cache_implementation="static", **kw
+                )
+                assert torch.equal(static, dynamic), beams
+
+
+def test_static_cache_without_a_full_attention_mask_is_refused() -> None:
+    """Every layer of this Qwen2 slides, so generate prepares only a
+    sliding-window mask, which hides the padding outside the window: refused
+    with the way out, never read back wrong."""
+    model = tiny_family("qwen2", max_window_layers=0)
+    ids, mask = padded()
+    with ph.attach(model, ph.PromptTuning(N)), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="none for full attention.*dynamic cache"):
+            model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static")
 
 
 @pytest.mark.parametrize("name", GENERATE)

@@ -11,13 +11,14 @@ packages, joined, de-quantized once into a cached float32 folder).
 * Prompt Tuning: logits and loss equal the same model fed ``inputs_embeds``
   with the prompt spliced in by hand (eager and sdpa, a left-padded batch of
   real text); a prompt initialised from a text acts exactly like that text
-  typed in front of the input; greedy ``generate()`` equals the model's own
-  ``generate(inputs_embeds=...)``; a few optimizer steps over
-  ``model.parameters()`` lower the loss of a tiny sentiment task and change
-  only the prompt.
+  typed in front of the input; greedy ``generate()`` (dynamic and static
+  cache) equals the model's own ``generate(inputs_embeds=...)``; a few
+  optimizer steps over ``model.parameters()`` lower the loss of a tiny
+  sentiment task and change only the prompt.
 * Prefix Tuning: logits equal the model given a hand-filled ``DynamicCache``
   (positions shifted by P or not, eager and sdpa); greedy ``generate()``
-  equals a hand-written cached greedy loop; training steps lower the loss.
+  (dynamic and static cache) equals a hand-written cached greedy loop;
+  training steps lower the loss.
 * Padded rows equal the rows alone; gradients reach every prefix site and no
   model parameter; detaching restores the model bit for bit.
 
@@ -257,6 +258,9 @@ def test_prompt_greedy_generate_equals_inputs_embeds_generate(gemma: Gemma) -> N
     with ph.attach(model, ph.PromptTuning(N)) as att:
         table = att.prompts["default"].table().detach().clone()
         out = model.generate(input_ids=ids, attention_mask=mask, **SCORED)
+        static = model.generate(
+            input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY
+        )
     with torch.no_grad():
         embeds, ext_mask = _spliced(model, ids, mask, table)
     expected = model.generate(inputs_embeds=embeds, attention_mask=ext_mask, **GREEDY)
@@ -265,6 +269,7 @@ def test_prompt_greedy_generate_equals_inputs_embeds_generate(gemma: Gemma) -> N
     assert expected.shape == (ids.shape[0], NEW_TOKENS)
     assert (out.scores[0] - gemma.plain[:, -1]).abs().max() > 1.0  # the prompt takes part
     assert torch.equal(got[:, ids.shape[1] :], expected)
+    assert torch.equal(static[:, ids.shape[1] :], expected)  # one mask per layer type
 
 
 def test_prompt_tuning_learns_and_changes_only_the_prompt(gemma: Gemma) -> None:
@@ -348,12 +353,16 @@ def test_prefix_greedy_generate_equals_hand_written_cached_loop(gemma: Gemma) ->
     table = _table()
     with ph.attach(model, _prefix(model, table)):
         out = model.generate(input_ids=ids, attention_mask=mask, **SCORED)
+        static = model.generate(
+            input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY
+        )
     with torch.no_grad():
         expected = _cached_greedy(model, ids, mask, table)
     got = out.sequences
     assert torch.equal(got[:, : ids.shape[1]], ids)
     assert (out.scores[0] - gemma.plain[:, -1]).abs().max() > 1.0  # the prefix takes part
     assert torch.equal(got[:, ids.shape[1] :], expected)
+    assert torch.equal(static[:, ids.shape[1] :], expected)
 
 
 def test_prefix_tuning_learns_and_changes_only_the_prefix(gemma: Gemma) -> None:

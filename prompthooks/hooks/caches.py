@@ -18,31 +18,19 @@ def layer_cache(cache: Any, role: str) -> Any:
     return getattr(cache, "self_attention_cache", cache)
 
 
-def capacity(cache: Any) -> int | None:
-    """How many keys a fixed-size (static) cache holds per layer; None if it grows."""
-    layers = getattr(layer_cache(cache, "self"), "layers", None)
-    if not layers or not hasattr(layers[0], "max_cache_len"):
-        return None
-    return int(layers[0].max_cache_len)
-
-
 def make_room(cache: Any, layer: int, count: int) -> bool:
     """A fixed-size cache layer gets ``count`` more slots, which ``generate`` did
     not plan for. Possible only before the layer allocates; growing caches are
-    left alone. Returns whether the layer is a fixed-size one."""
+    left alone. Returns whether the layer is a fixed-size one.
+
+    A sliding-window layer holds ``min(window, planned length)`` slots; the P
+    more tokens may need up to P more. Slots beyond the window only keep keys
+    that the model's mask, built with the window (``masks.padding_mask``), hides.
+    """
     layers = getattr(cache, "layers", None)
     if layers is None or layer >= len(layers) or not hasattr(layers[layer], "max_cache_len"):
         return False
     target = layers[layer]
-    if "SlidingWindow" in type(target).__name__:
-        # Its slots are the window, not the sequence: P more would widen the window,
-        # and the lengthened masks do not follow it. Refused rather than wrong.
-        raise NotImplementedError(
-            f"{type(cache).__name__} layer {layer} is a fixed-size sliding-window layer "
-            f"({type(target).__name__}); prompthooks cannot add a prompt's {count} "
-            "positions to it yet. Use the default dynamic cache (drop "
-            "cache_implementation='static') for models with sliding-window layers"
-        )
     if getattr(target, "is_initialized", False):
         if (recall(cache, "room") or 0) >= count:
             return True  # a cache reused from an earlier call got its slots then

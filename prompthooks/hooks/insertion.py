@@ -25,7 +25,7 @@ from .arguments import Kwargs
 from .bank import PromptBank
 from .caches import make_room_everywhere, prefix_width, recall, remember
 from .layout import insert, insertion_points, positions_from_mask, shift_positions
-from .masks import causal_4d, padding_from_4d, refuse_per_layer_masks
+from .masks import padding_mask
 
 _TEMPLATE_WITHOUT_IDS = (
     "att.use(template=True) was declared but input_ids hold no virtual ids: place "
@@ -79,22 +79,14 @@ class Plan:
 
 
 def plan_call(
-    bank: PromptBank, located: Located, pad_front: bool, kw: Kwargs, x: torch.Tensor
+    bank: PromptBank, located: Located, pad_front: bool, kw: Kwargs, x: torch.Tensor, cache: Any
 ) -> Plan:
     """The plan of a call that starts a sequence (``x``: its ids or embeddings)."""
     ids = kw.get("input_ids")
     templates, names = template_rows(bank, ids) if ids is not None else (None, None)
     if templates is not None and all(templates):
         return Plan(None, names)  # the user placed every row's virtual ids
-    mask = kw.get("attention_mask")
-    refuse_per_layer_masks(mask)
-    if mask is not None and mask.ndim == 4:
-        mask = padding_from_4d(mask, x.shape[1])
-    if mask is not None and mask.ndim != 2:
-        raise ValueError(
-            f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
-            f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
-        )
+    mask = padding_mask(kw.get("attention_mask"), x.shape[1], cache)
     loc = located
     if templates is not None and loc.is_encoder_decoder:
         raise ValueError(
@@ -210,15 +202,12 @@ def lengthen(
     # A static cache gets ``width`` more slots, whatever form the mask takes
     # (``generate`` drops an all-ones mask). A no-op for growing caches.
     make_room_everywhere(cache, width)
-    mask = kw.get("attention_mask")
+    mask = padding_mask(kw.get("attention_mask"), length, cache)
     if mask is None and rows.pad_slots:  # pad slots must be masked: a mask of ones
         mask = torch.ones(at.shape[0], length, dtype=torch.long, device=at.device)
-    if mask is not None and mask.ndim == 4:  # generate with a static cache
-        lengthened = lengthen_mask(padding_from_4d(mask, length), at, rows)
-        kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1] + width, 0)
-        mask = lengthened
-    elif mask is not None:
-        kw["attention_mask"] = mask = lengthen_mask(mask, at, rows)
+    if mask is not None:
+        mask = lengthen_mask(mask, at, rows)
+    kw["attention_mask"] = mask  # the model builds its masks from it (and the cache)
     positions = kw.get("position_ids")
     if positions is not None:
         kw["position_ids"] = shift_positions(positions, at, counts, width, front)
@@ -278,7 +267,7 @@ def continue_decoding(
     mask = kw.get("attention_mask")
     rows: Rows | None = recall(cache, "inserted")
     if rows is None:  # a cache we did not fill: trust the mask's length
-        if mask is None or mask.ndim != 2 or past + new <= mask.shape[1]:
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or past + new <= mask.shape[1]:
             return False
         count = past + new - mask.shape[1]
         rows = uniform_rows(count, mask.shape[0], mask.device)
@@ -290,17 +279,13 @@ def continue_decoding(
         kw["position_ids"] = positions + rows.counts.unsqueeze(1)
         return True
     user = past + new - prefix_width(cache) - rows.width  # the user's length of keys
+    mask = padding_mask(mask, user, cache)
     if mask is None and rows.pad_slots:  # generate drops an all-ones mask; pad slots stay masked
         mask = torch.ones(rows.counts.shape[0], user, dtype=torch.long, device=rows.ids.device)
-    if mask is not None and mask.ndim == 4:  # generate with a static cache
-        valid = padding_from_4d(mask, mask.shape[-1])  # keys valid in the user's view
-        at = insertion_points(valid, valid.shape[0], cls_first, valid.device)
-        lengthened = lengthen_mask(valid, at, rows)[:, : mask.shape[-1]]
-        kw["attention_mask"] = causal_4d(lengthened, mask, mask.shape[-1], past)
-        mask = None
-    elif mask is not None and mask.shape[1] == user:
+    if mask is not None and mask.shape[1] == user:
         at = insertion_points(mask, mask.shape[0], cls_first, mask.device)
-        kw["attention_mask"] = mask = lengthen_mask(mask, at, rows)
+        mask = lengthen_mask(mask, at, rows)
+    kw["attention_mask"] = mask
     positions = kw.get("position_ids")
     if positions is not None:
         kw["position_ids"] = positions + rows.counts.unsqueeze(1)

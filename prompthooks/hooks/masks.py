@@ -1,11 +1,10 @@
 """Attention-mask arithmetic for prompts: the columns a prefix adds in front of
-the keys, and the 2-D padding behind (and the 4-D mask rebuilt around) the masks
-``generate`` makes for static caches. One module, so every hook lengthens masks
-the same way."""
+the keys, and the 2-D padding mask behind the masks ``generate`` prepares for
+static caches. One module, so every hook lengthens masks the same way."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,29 +12,51 @@ if TYPE_CHECKING:
     from .prefix_rows import PrefixRows
 
 
-def padding_from_4d(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """The 2-D padding mask behind a 4-D mask that ``generate`` built for a static
-    cache: the last query row sees every real key up to itself."""
-    row = mask[:, 0, -1, :length]
+def padding_mask(mask: Any, length: int, cache: Any) -> torch.Tensor | None:
+    """The 2-D padding mask ``(B, length)`` behind the attention mask a stack was
+    given (``None`` and 2-D masks come back as they are).
+
+    ``generate`` prepares the masks of a static cache itself, as wide as the
+    cache and in the user's view (key j is the user's token j): one 4-D mask,
+    or a dict of them, one per layer type (Qwen2, Qwen3, Gemma 3), which the
+    model then uses as they are. Their padding is read back from the
+    full-attention mask, whose last query row sees every real key up to itself;
+    the hooks hand the model the lengthened 2-D mask instead, and it builds
+    each layer type's mask from that and the cache (sliding windows included),
+    as it does for a dynamic cache. A sliding-window mask hides the padding of
+    the keys outside its window, so without a full-attention mask (Mistral:
+    every layer slides) the call is refused. ``None`` comes back for no
+    padding (a full-attention mask left out for sdpa's causal shortcut).
+    """
+    given: torch.Tensor | None
+    if isinstance(mask, dict):
+        if "full_attention" not in mask:
+            raise NotImplementedError(
+                "generate prepared one attention mask per layer type "
+                f"({', '.join(map(str, mask))}) and none for full attention, so prompthooks "
+                "cannot read the padding back to lengthen it. Use the default dynamic cache "
+                "(drop cache_implementation='static')"
+            )
+        given = mask["full_attention"]  # None: no padding (left to sdpa's is_causal)
+    else:
+        given = mask
+        if given is not None and given.ndim == 4 and any(getattr(cache, "is_sliding", ())):
+            raise NotImplementedError(
+                f"{type(cache).__name__} has sliding-window layers and generate prepared one "
+                "sliding-window attention mask for all of them (as for Mistral), which hides "
+                "the padding outside its window, so prompthooks cannot lengthen it. Use the "
+                "default dynamic cache (drop cache_implementation='static')"
+            )
+    if given is None or given.ndim == 2:
+        return given
+    if given.ndim != 4:
+        raise ValueError(
+            f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
+            f"{tuple(given.shape)}; pass the padding mask and let the model build the rest"
+        )
+    row = given[:, 0, -1, :length]
     valid = row if row.dtype == torch.bool else row == 0
     return valid.long()
-
-
-def causal_4d(valid: torch.Tensor, like: torch.Tensor, width: int, past: int) -> torch.Tensor:
-    """A 4-D mask in ``like``'s format: query i (at cache position ``past + i``)
-    sees key j when ``j <= past + i`` and ``valid[b, j]``; ``width`` keys."""
-    queries = like.shape[-2] if past else valid.shape[1]
-    keys = torch.arange(width, device=valid.device)
-    rows = torch.arange(queries, device=valid.device).unsqueeze(1) + past
-    padded = torch.zeros(valid.shape[0], width, dtype=torch.bool, device=valid.device)
-    padded[:, : valid.shape[1]] = valid[:, :width].bool()
-    allowed = (keys.unsqueeze(0) <= rows)[None, None] & padded[:, None, None, :]
-    if like.dtype == torch.bool:
-        return allowed
-    blocked = torch.finfo(like.dtype).min
-    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-        ~allowed, blocked
-    )
 
 
 def prefix_columns(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
@@ -106,38 +127,14 @@ def pad_mask(
     return torch.cat([prefix_columns(mask, rows), mask], dim=-1)
 
 
-def prepend_attend(
-    mask: torch.Tensor, rows: PrefixRows, capacity: int | None = None, past: int | None = None
-) -> torch.Tensor:
-    """The prefix's leading key columns: a 2-D padding mask gets ones (or each
-    row's ``keep`` pattern), a ready-made 4-D mask gets True or 0.0 columns.
-
-    ``generate`` with a static cache builds 4-D masks as wide as the cache, with
-    the user's padding in the user's view (key j is the user's token j).
-    Shifted right by the prefix width, the padding lands on the right keys; the
-    columns pushed past the cache's capacity are dropped. The mask's causal
-    part may have been built in either view, so for a causal stack (``past`` =
-    cached keys, prefix included) it is imposed again in the cache's view:
-    query i sees keys ``0..past+i``, never an unwritten slot.
-    """
-    if mask.ndim == 2:
-        if rows.keep is None:
-            front = mask.new_ones(mask.shape[0], rows.width)
-        else:
-            front = rows.keep.to(mask.dtype)
-        return torch.cat([front, mask], dim=1)
-    if rows.keep is not None and mask.shape[0] != rows.keep.shape[0]:
-        mask = mask.expand(rows.keep.shape[0], *mask.shape[1:])
-    out = torch.cat([prefix_columns(mask, rows), mask], dim=-1)
-    if capacity is not None and out.shape[-1] > capacity:
-        out = out[..., :capacity]
-    if past is not None:
-        keys = torch.arange(out.shape[-1], device=out.device)
-        queries = torch.arange(out.shape[-2], device=out.device).unsqueeze(1) + past
-        allowed = keys.unsqueeze(0) <= queries
-        blocked = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
-        out = out.masked_fill(~allowed, blocked)
-    return out
+def prepend_attend(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
+    """A 2-D padding mask with the prefix's leading columns: ones, or each row's
+    ``keep`` pattern (the slots its own prefix fills)."""
+    if rows.keep is None:
+        front = mask.new_ones(mask.shape[0], rows.width)
+    else:
+        front = rows.keep.to(mask.dtype)
+    return torch.cat([front, mask], dim=1)
 
 
 # -- nn.MultiheadAttention: key_padding_mask and attn_mask conventions ----------
@@ -173,16 +170,3 @@ def _key_padding_front(mask: torch.Tensor, rows: PrefixRows, batch: int) -> torc
     return torch.zeros(ignore.shape, dtype=mask.dtype, device=mask.device).masked_fill(
         ignore, float("-inf")
     )
-
-
-def refuse_per_layer_masks(mask: object) -> None:
-    """transformers hands some models one prepared mask per layer type (a dict:
-    a static cache on Qwen2, Qwen3, Gemma 3), which the hooks cannot lengthen
-    yet; refused with the way out rather than failing on a dict."""
-    if isinstance(mask, dict):
-        raise NotImplementedError(
-            f"the model was given one attention mask per layer type ({', '.join(map(str, mask))}), "
-            "as transformers does for a static cache on some models (Qwen2, Qwen3, Gemma 3); "
-            "prompthooks cannot lengthen those yet. Use the default dynamic cache (drop "
-            "cache_implementation='static')"
-        )

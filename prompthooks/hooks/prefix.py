@@ -10,7 +10,10 @@ reaches its attention sites:
   self-attention hooks return at once, now and on every later decode step.
   Decoding costs what it costs the base model with P more cached tokens.
   The 2-D attention mask gets P leading ones (the prefix sits at the front of
-  the cache, before any padding).
+  the cache, before any padding). Masks ``generate`` prepared for a static
+  cache (4-D, or one per layer type) are read back to that 2-D mask first, so
+  the model builds every layer type's mask from the cache, sliding windows
+  included.
 * **proxy mode**: no cache (training, ``use_cache=False``, the T5 encoder,
   gradient checkpointing, which drops caches). Each attention pre-hook gives
   its module a stand-in cache whose ``update`` returns ``[prefix ; keys]``, and
@@ -45,10 +48,10 @@ from ..locators.conventions import read_cache
 from ..methods.prefix_tuning import Prefix
 from .arguments import Kwargs, bind_kwargs, cache_length
 from .bank import PromptBank
-from .caches import capacity, recall
+from .caches import recall
 from .calls import Frames
 from .checks import check_prefix_applied, check_sites_take_their_names
-from .masks import prepend_attend, refuse_per_layer_masks
+from .masks import padding_mask, prepend_attend
 from .prefix_caches import cached_dtype, write_prefix
 from .prefix_rows import KeyValues, PrefixRows, build_rows, prefix_positions
 from .prefix_sites import PrefixSites
@@ -103,10 +106,6 @@ class PrefixHooks:
         self.projection_sites = ProjectionSites(self)
         self._has_sites = {
             roles: any(s.role in roles for s in self.sites) for roles in (INPUT_SIDE, DECODER_SIDE)
-        }
-        self._causal_roles = {
-            roles: any(s.causal for s in self.sites if s.role in roles and s.role != "cross")
-            for roles in (INPUT_SIDE, DECODER_SIDE)
         }
 
     def install(self) -> None:
@@ -229,8 +228,10 @@ class PrefixHooks:
         past = cache_length(cache)
         new = x.shape[1]
         mask = kw.get("attention_mask")
-        refuse_per_layer_masks(mask)
-        if mask is not None and mask.ndim not in (2, 4):
+        if cache is not None or isinstance(mask, dict):  # masks generate prepared: 2-D again
+            mask = padding_mask(mask, past - width + new if past else new, cache)
+            kw["attention_mask"] = mask
+        elif mask is not None and mask.ndim not in (2, 4):
             raise ValueError(
                 f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
                 f"{tuple(mask.shape)}; pass the padding mask and let the model build the rest"
@@ -248,10 +249,8 @@ class PrefixHooks:
             call.rows = rows
             if mask is None and rows.keep is not None:  # rows must not see their unused slots
                 mask = torch.ones(x.shape[0], past + new - width, dtype=torch.long, device=x.device)
-            if mask is not None and (mask.ndim == 4 or mask.shape[1] == past + new - width):
-                kw["attention_mask"] = mask = prepend_attend(
-                    mask, rows, capacity(cache), past if self._causal(roles) else None
-                )
+            if mask is not None and mask.shape[1] == past + new - width:
+                kw["attention_mask"] = mask = prepend_attend(mask, rows)
             user_past = past - width
         else:
             rows, call.kv = self.build(x.shape[0])
@@ -264,9 +263,7 @@ class PrefixHooks:
                 if mask is None and rows.keep is not None:
                     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
                 if mask is not None:
-                    kw["attention_mask"] = mask = prepend_attend(
-                        mask, rows, capacity(cache), width if self._causal(roles) else None
-                    )
+                    kw["attention_mask"] = mask = prepend_attend(mask, rows)
                 if kw.get("cache_position") is not None:
                     kw["cache_position"] = kw["cache_position"] + width
             else:
@@ -280,9 +277,6 @@ class PrefixHooks:
                 rows, kw.get("position_ids"), mask, user_past, new, self.located
             )
         return (), kw
-
-    def _causal(self, roles: frozenset[Role]) -> bool:
-        return self._causal_roles[roles]
 
     def _check_length(self, module: nn.Module, length: int) -> None:
         limit = self.located.max_positions

@@ -51,6 +51,7 @@ from .insertion import (
     uniform_rows,
 )
 from .layout import insertion_points, positions_from_mask
+from .masks import padding_mask
 from .strip import strip_outputs
 
 
@@ -167,10 +168,11 @@ class SoftPromptHooks:
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if labels is None or x is None or labels.ndim != 2 or labels.shape != x.shape[:2]:
             return None  # no labels, or per-sequence labels: nothing to align
-        if cache_length(read_cache(kw, self.located.call_names(module).cache)) > 0:
+        cache = read_cache(kw, self.located.call_names(module).cache)
+        if cache_length(cache) > 0:
             return None  # a decode step
         self._check_vocabulary()
-        plan = plan_call(self.bank, self.located, self.pad_front, kw, x)
+        plan = plan_call(self.bank, self.located, self.pad_front, kw, x, cache)
         if plan.insertion is None:
             return None
         kw["labels"] = lengthen_labels(labels, plan.insertion, self.shifted_labels)
@@ -213,7 +215,7 @@ class SoftPromptHooks:
             return None
         self._check_vocabulary()
         call.plan = plan = call.plan or plan_call(
-            self.bank, self.located, self.pad_front, kw, x
+            self.bank, self.located, self.pad_front, kw, x, cache
         )  # ``model_pre`` may have planned
         call.ids_hold_virtual = ids is not None  # inserted now, or placed by the user
         ins = plan.insertion
@@ -221,12 +223,12 @@ class SoftPromptHooks:
             self._check_length(x.shape[1])
             if cache is not None:
                 remember(cache, "inserted", None)
-            mask = kw.get("attention_mask")
-            if kw.get("position_ids") is None and mask is not None and self.stack_takes_positions:
-                # padding changes nothing
-                kw["position_ids"] = positions_from_mask(mask, loc.first_position)
-                return (), kw
-            return None
+            if kw.get("position_ids") is None and self.stack_takes_positions:
+                mask = padding_mask(kw.get("attention_mask"), x.shape[1], cache)
+                if mask is not None:  # padding changes nothing
+                    kw["position_ids"] = positions_from_mask(mask, loc.first_position)
+                    return (), kw
+            return None  # the model's own masks fit: nothing was inserted
         self._check_length(ins.length)
         embedded = self._vectors(ins.rows) if ids is None else None
         lengthen(

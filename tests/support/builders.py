@@ -175,10 +175,11 @@ LLAMA_LIKE: dict[str, tuple[Any, Any, dict[str, Any], int, list[int | None]]] = 
 }
 
 
-def tiny_llama_like(name: str, attn: str = "sdpa") -> nn.Module:
-    """A 2-layer causal LM of family ``name`` with random weights, in eval mode."""
+def tiny_llama_like(name: str, attn: str = "sdpa", **overrides: Any) -> nn.Module:
+    """A 2-layer causal LM of family ``name`` with random weights, in eval mode
+    (``overrides``: config fields, e.g. another ``sliding_window``)."""
     config_cls, model_cls, extra, _, _ = LLAMA_LIKE[name]
-    config = config_cls(**{**LLAMA_LIKE_COMMON, **extra})
+    config = config_cls(**{**LLAMA_LIKE_COMMON, **extra, **overrides})
     config._attn_implementation = attn
     torch.manual_seed(0)
     model: nn.Module = model_cls(config).eval()

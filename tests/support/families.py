@@ -315,23 +315,15 @@ def _plain_decoder(batch: int) -> torch.Tensor:
     return torch.randint(1, 29, (batch, 3), generator=torch.Generator().manual_seed(1))
 
 
-STATIC_DICT_MASK = (
-    "refused (NotImplementedError): generate with a static cache hands the stack a dict "
-    "of per-layer-type 4-D masks, which prompthooks cannot lengthen yet"
-)
 STATIC_SLIDING = {
     "static": (
-        "refused (NotImplementedError): Mistral's static cache has sliding-window layers, "
-        "whose slots are the window (before the refusal: prompted tokens differed from the "
+        "refused (NotImplementedError): generate hands Mistral's stack one sliding-window "
+        "mask for its static cache, which hides the padding outside the window, so the "
+        "hooks cannot read it back (before the refusal: prompted tokens differed from the "
         "dynamic cache's, and a prefix failed on the mask's size)"
     ),
 }
-KNOWN_STATIC = {
-    "mistral": STATIC_SLIDING,
-    "qwen2": {"static": STATIC_DICT_MASK},
-    "qwen3": {"static": STATIC_DICT_MASK},
-    "gemma3": {"static": STATIC_DICT_MASK},
-}
+KNOWN_STATIC = {"mistral": STATIC_SLIDING}
 
 
 def _llama_like(name: str, windowed: bool) -> Family:
