@@ -325,6 +325,23 @@ def test_static_cache_without_a_full_attention_mask_is_refused() -> None:
             model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static")
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_custom_4d_mask_is_refused_not_read_as_padding(method: str) -> None:
+    """Two sequences packed in each row (a block-diagonal causal mask), with a
+    cache: its padding alone would let the second sequence see the first, so it
+    is refused rather than read back like the masks generate prepares."""
+    model = tiny_family("qwen3")  # full attention in every layer
+    ids, _ = batch("llama", [6, 6], seed=1)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    blocks = torch.block_diag(torch.ones(3, 3), torch.ones(3, 3)).bool()
+    packed = (causal & blocks)[None, None].expand(2, 1, 6, 6)
+    spec = ph.PromptTuning(N) if method == "prompt" else ph.PrefixTuning(N, projection=False)
+    cache = tf.DynamicCache(config=model.config)
+    with ph.attach(model, spec), torch.no_grad():
+        with pytest.raises(ValueError, match="not a causal mask over padding"):
+            model(input_ids=ids, attention_mask=packed, past_key_values=cache)
+
+
 @pytest.mark.parametrize("name", GENERATE)
 def test_cache_made_inside_the_forward_continues_like_the_oracle(name: str) -> None:
     """``use_cache=True`` without a cache: the model makes one and the prefix

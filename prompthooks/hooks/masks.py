@@ -54,9 +54,31 @@ def padding_mask(mask: Any, length: int, cache: Any) -> torch.Tensor | None:
             f"prompthooks needs a 2-D (batch, length) attention_mask, got shape "
             f"{tuple(given.shape)}; pass the padding mask and let the model build the rest"
         )
-    row = given[:, 0, -1, :length]
-    valid = row if row.dtype == torch.bool else row == 0
-    return valid.long()
+    allowed = given if given.dtype == torch.bool else given == 0
+    valid = allowed[:, 0, -1, :]  # (B, keys): the last query sees every real key
+    _check_causal_padding(allowed, valid)
+    return valid[:, :length].long()
+
+
+_CUSTOM_4D = (
+    "the 4-D attention_mask is not a causal mask over padding (packed sequences, trees, "
+    "per-head masks?); prompthooks reads a 4-D mask only as the kind generate prepares "
+    "for a static cache, and would keep only its padding. Pass the 2-D padding mask"
+)
+
+
+def _check_causal_padding(allowed: torch.Tensor, valid: torch.Tensor) -> None:
+    """Refuse a 4-D mask that its padding does not describe: each query row must
+    see exactly the real keys up to its last visible one (as the masks ``generate``
+    prepares do), or reading back its padding would drop the rest silently."""
+    keys = torch.arange(allowed.shape[-1], device=allowed.device)
+    last = torch.where(allowed, keys, -1).amax(dim=-1, keepdim=True)  # (B, H, Q, 1)
+    expected = valid[:, None, None, :] & (keys <= last)
+    same = (allowed == expected).all()
+    if torch.compiler.is_compiling():  # no host sync inside a graph
+        torch._assert_async(same, _CUSTOM_4D)
+    elif not bool(same):
+        raise ValueError(_CUSTOM_4D)
 
 
 def prefix_columns(mask: torch.Tensor, rows: PrefixRows) -> torch.Tensor:
