@@ -35,7 +35,10 @@ speed hits all contestants alike; medians and IQRs are reported, and the
 paired ratio (median over rounds of step / floor step of the same round),
 which is the more robust of the two on a machine whose speed drifts. All
 contestants of a method start from the same prompt values (copied between
-them), so their losses must agree: that is the sanity check. The floor and
+them), so their losses must agree: that is the sanity check. (Prompt tuning:
+prompthooks' loss differs from the floor's by about 4e-4, as it should: it does
+not score a row's first real token, which has no real token before it, while
+the floor and PEFT score it from the last prompt slot; README, Labels.) The floor and
 prompthooks share one model object, so prompthooks is attached right before
 each of its timed steps and detached right after, outside the timer.
 

@@ -88,9 +88,9 @@ DISPLAY = {
     "p_tuning_mlp": "P-tuning, MLP encoder (20)",
     "prefix_tuning": "Prefix Tuning, MLP (10)",
     "p_tuning_v2": "P-tuning v2 (10)",
-    "p_tuning_mlp_text": "P-tuning, MLP encoder (20), text init",
-    "prefix_tuning_text": "Prefix Tuning, MLP (10), text init",
-    "p_tuning_v2_text": "P-tuning v2 (10), text init",
+    "p_tuning_mlp_text": "P-tuning, MLP encoder (whole text), text init",
+    "prefix_tuning_text": "Prefix Tuning, MLP (whole text), text init",
+    "p_tuning_v2_text": "P-tuning v2 (whole text), text init",
     "p_tuning_v2_zero": "P-tuning v2 (10), zero init",
     "prefix_tuning_zero": "Prefix Tuning, MLP (10), zero init",
 }
@@ -162,9 +162,14 @@ def make_tasks(mode: str, family: str) -> dict[str, Task]:
     return out
 
 
-def fingerprint(settings: Settings, task: Task, lr: float | None = None) -> str:
-    """What a stored cell must match to be reused (``lr``: a rate chosen by trials)."""
+def fingerprint(
+    settings: Settings, task: Task, lr: float | None = None, text_length: bool = False
+) -> str:
+    """What a stored cell must match to be reused (``lr``: a rate chosen by trials;
+    ``text_length``: a text init from the whole chat-form instruction). Each is added
+    only when set, so the cells stored before it existed keep their fingerprints."""
     parts: list[Any] = [asdict(settings), task.__dict__] + ([lr] if lr is not None else [])
+    parts += ["text init: the whole instruction in the chat template"] if text_length else []
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -206,12 +211,15 @@ def run(
         task = tasks[cell.family][cell.task]
         path = cells_dir / f"{cell.key}.json"
         lr = None
-        if cell.lr is None and cell.method in LR_CHOSEN_BY:
+        if cell.family == "lm" and cell.lr is None and cell.method in LR_CHOSEN_BY:
             lr = chosen_lr(results, cell.task, cell.method)
             if lr is None:
                 tqdm.write(f"{cell.key}: not run (its learning-rate trials have not all run)")
                 continue
-        key = fingerprint(settings, task, lr)
+            if lr == LM_METHODS[cell.method][1]:
+                lr = None  # the default rate: the same run as a cell stored before the trials
+        text_length = cell.family == "lm" and LM_METHODS.get(cell.method, (0, 0.0))[0] is None
+        key = fingerprint(settings, task, lr, text_length)
         if path.is_file() and not fresh:
             stored = json.loads(path.read_text())
             if stored.get("fingerprint") == key:

@@ -35,8 +35,15 @@ LM_TRAINED = (
 )
 #: Issue 19's initialisations that PEFT lacks: prompthooks only.
 LM_INITS = ("p_tuning_mlp_text", "prefix_tuning_text")
-#: Issue 19: the Prefix-MLP learning rate is chosen by trials on held-out training rows.
+#: Issue 19: per task, the rate of each method with trainable layers or activation
+#: tables is chosen by trials of its text init on held-out training rows.
 LR_TRIALS = ("1e-02", "1e-03", "1e-04", "1e-05")
+#: the trials' method -> the methods (every init) that train with the rate it chooses
+LR_FOLLOWERS = {
+    "prefix_tuning_text": ("prefix_tuning", "prefix_tuning_text", "prefix_tuning_zero"),
+    "p_tuning_mlp_text": ("p_tuning_mlp", "p_tuning_mlp_text"),
+    "p_tuning_v2_text": ("p_tuning_v2", "p_tuning_v2_text", "p_tuning_v2_zero"),
+}
 
 
 def run(out: Path) -> str:
@@ -69,8 +76,8 @@ def test_every_cell_runs_for_both_libraries(results: tuple[Path, dict[str, dict]
         expected |= {f"{task}--lm--{m}--prompthooks" for m in LM_INITS}
         expected.add(f"{task}--encoder--linear_probe--none")
         expected |= {f"{task}--encoder--p_tuning_v2--{lib}" for lib in ("prompthooks", "peft")}
-    trial = "{}--lm--prefix_tuning_text--prompthooks--lr{}"
-    trials = {trial.format(task, lr) for task in TASKS for lr in LR_TRIALS}
+    trial = "{}--lm--{}--prompthooks--lr{}"
+    trials = {trial.format(t, m, lr) for t in TASKS for m in LR_FOLLOWERS for lr in LR_TRIALS}
     assert set(cells) == expected | trials
     for key, r in cells.items():
         if key in trials:
@@ -83,27 +90,42 @@ def test_every_cell_runs_for_both_libraries(results: tuple[Path, dict[str, dict]
             assert r["step_seconds_median"] > 0
 
 
-def test_prefix_mlp_rate_is_chosen_on_held_out_training_rows_only(
+def test_learning_rates_are_chosen_on_held_out_training_rows_only(
     results: tuple[Path, dict[str, dict]],
 ) -> None:
     """Each trial trains once and scores training rows that no step read (never a test
-    row); the random- and text-init Prefix-MLP cells of the task (both libraries) train
-    with the rate of the best trial (ties: the lower held-out loss), the zero-init ones
-    with the fixed rate."""
+    row); every init of the method (both libraries) trains with the rate of the best
+    trial (ties: the lower held-out loss), and the text-init cell is that trial's run."""
     _, cells = results
     for task in TASKS:
-        runs = [cells[f"{task}--lm--prefix_tuning_text--prompthooks--lr{lr}"] for lr in LR_TRIALS]
-        for r, lr in zip(runs, LR_TRIALS, strict=True):
-            assert r["lr"] == float(lr) and len(r["losses"]) > 0 and r["select_rows"] > 0
-            assert "predictions_batched" not in r and "gold" not in r  # no test rows read
-        best = max(runs, key=lambda r: (r["select_accuracy"], -r["select_loss"]))
-        assert cells[f"{task}--lm--prefix_tuning_text--prompthooks"]["lr"] == best["lr"]
-        for lib in ("prompthooks", "peft"):
-            assert cells[f"{task}--lm--prefix_tuning--{lib}"]["lr"] == best["lr"]
-            assert cells[f"{task}--lm--prefix_tuning_zero--{lib}"]["lr"] == 1e-2
-        # the trial at the chosen rate and the text-init cell are the same training run
-        ours = cells[f"{task}--lm--prefix_tuning_text--prompthooks"]
-        assert ours["losses"] == best["losses"]
+        for chooser, followers in LR_FOLLOWERS.items():
+            runs = [cells[f"{task}--lm--{chooser}--prompthooks--lr{lr}"] for lr in LR_TRIALS]
+            for r, lr in zip(runs, LR_TRIALS, strict=True):
+                assert r["lr"] == float(lr) and len(r["losses"]) > 0 and r["select_rows"] > 0
+                assert "predictions_batched" not in r and "gold" not in r  # no test rows
+            best = max(runs, key=lambda r: (r["select_accuracy"], -r["select_loss"]))
+            for method in followers:
+                for lib in ("prompthooks", "peft"):
+                    cell = cells.get(f"{task}--lm--{method}--{lib}")
+                    assert cell is not None or lib == "peft", method
+                    assert cell is None or cell["lr"] == best["lr"], (task, method, lib)
+            # the trial at the chosen rate and the text-init cell are the same training run
+            assert cells[f"{task}--lm--{chooser}--prompthooks"]["losses"] == best["losses"]
+
+
+def test_text_inits_are_as_long_as_their_text(results: tuple[Path, dict[str, dict]]) -> None:
+    """A text init covers its whole text (cut to the other cells' 10 or 20 tokens, a
+    task's instruction can end on one class's name); the other cells keep their size."""
+    _, cells = results
+    text_tokens = 11  # the tiny tasks' init text: 11 words of the word tokenizer
+    for task in TASKS:
+        for method in LR_FOLLOWERS:
+            assert cells[f"{task}--lm--{method}--prompthooks"]["virtual_tokens"] == text_tokens
+        # PEFT's own text init (no chat template in the tiny tokenizer: the plain text)
+        assert cells[f"{task}--lm--p_tuning_v2_text--peft"]["virtual_tokens"] == text_tokens
+        for method, size in (("p_tuning_mlp", 20), ("prefix_tuning", 10), ("p_tuning_v2", 10)):
+            for lib in ("prompthooks", "peft"):
+                assert cells[f"{task}--lm--{method}--{lib}"]["virtual_tokens"] == size
 
 
 def test_prompthooks_predictions_never_flip_with_padding(
