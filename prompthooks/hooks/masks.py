@@ -56,7 +56,8 @@ def padding_mask(mask: Any, length: int, cache: Any) -> torch.Tensor | None:
         )
     allowed = given if given.dtype == torch.bool else given == 0
     valid = allowed[:, 0, -1, :]  # (B, keys): the last query sees every real key
-    _check_causal_padding(allowed, valid)
+    if allowed.shape[-2] > 1:  # one query (a decode step) is its own padding: nothing to check
+        _check_causal_padding(allowed, valid)
     return valid[:, :length].long()
 
 
