@@ -309,8 +309,10 @@ def instruction(task: Task, tokenizer: Any) -> str:
 
     Why this form: typed raw in front of the question, the instruction took SmolLM2 to
     one answer for every Rotten Tomatoes row (48.5% on 200 held-out training rows, 71.5%
-    without it); as a system message it gave 84.0% (BBC News: 25.5 / 29.5 / 38.5).
-    Measured before any text-init cell ran on the test set (README, Results)."""
+    without it); as a system message it gave 84.0% (BBC News: 25.5 / 29.5 / 38.5;
+    ``benchmarks/init_forms.py``). Earlier runs typed it raw and trailed PEFT's text init
+    on the test set, which is what prompted the measurement; the form itself is chosen on
+    the held-out rows, never on test rows."""
     if getattr(tokenizer, "chat_template", None) is None:
         return task.init_text
     text: str = tokenizer.apply_chat_template(
